@@ -1,0 +1,34 @@
+"""sinkscope: where a transformer LLM parks its attention, and how many sink tokens to keep when streaming.
+
+Notebook use::
+
+    import sinkscope
+    lm = sinkscope.load_model("smollm2-135m")
+    profile = sinkscope.analyze(lm, "Some text to look at ...")
+    profile                       # summary table in a notebook
+    profile.plot_heatmap()        # plotly figure
+"""
+
+from .analysis import PromptResult, Recommendation, SinkPosition, SinkProfile, analyze
+from .capture import Capture, capture
+from .errors import SinkscopeError
+from .models import LoadedModel, ModelSpec
+from .models import load as load_model
+from .prompts import Prompt
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Capture",
+    "LoadedModel",
+    "ModelSpec",
+    "Prompt",
+    "PromptResult",
+    "Recommendation",
+    "SinkPosition",
+    "SinkProfile",
+    "SinkscopeError",
+    "analyze",
+    "capture",
+    "load_model",
+]

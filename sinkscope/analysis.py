@@ -1,0 +1,424 @@
+"""``analyze(model, prompts) -> SinkProfile``: where a model parks its attention, and how many sinks to keep."""
+
+from __future__ import annotations
+
+import html
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import metrics
+from .capture import capture, pool_map
+from .errors import ConfigError, PromptError
+from .models import LoadedModel, ModelSpec
+from .models import load as load_model
+from .prompts import Prompt, as_prompts
+
+SCHEMA = "sinkscope.report/1"
+DEFAULT_K = 8
+DEFAULT_SHARE = 0.95
+DEFAULT_MAP_SIZE = 96
+N_SINK_POSITIONS = 8
+
+
+@dataclass
+class SinkPosition:
+    """A token position that draws attention from far-away queries, averaged over all layers and heads."""
+
+    position: int
+    token: str
+    kind: str
+    received: float  # mean attention from queries at least LOCAL_WINDOW tokens later
+    vs_uniform: float  # received / what a uniform-attention query would give it
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "token": self.token, "kind": self.kind,
+                "received": self.received, "vs_uniform": self.vs_uniform}
+
+
+@dataclass
+class AttentionMaps:
+    """Pooled attention maps of one prompt, for display: ``maps[layer_row, head, q_bin, k_bin]``."""
+
+    maps: np.ndarray
+    bins: list[tuple[int, int]]
+    labels: list[str]
+
+
+@dataclass
+class PromptResult:
+    """Everything measured on one prompt. Arrays are indexed by row of ``SinkProfile.layers`` and head."""
+
+    name: str
+    n_tokens: int
+    tokens: list[str]
+    first_token_mass: np.ndarray  # [L, H]
+    sink_mass: np.ndarray  # [L, H, K]
+    entropy: np.ndarray  # [L, H]
+    sink_positions: list[SinkPosition]
+    attention: AttentionMaps | None = None
+
+
+@dataclass
+class Recommendation:
+    """A sink count with the method that produced it and the evidence it rests on."""
+
+    sinks: int
+    method: str
+    evidence: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sinks": self.sinks, "method": self.method, "evidence": self.evidence}
+
+
+@dataclass
+class SinkProfile:
+    """The result of :func:`analyze`: per-prompt measurements, their means, and a recommendation.
+
+    Aggregates over prompts are plain means of the per-prompt values (design.md). Plot methods return
+    plotly figures; ``_repr_html_`` shows a summary in notebooks.
+    """
+
+    model: ModelSpec
+    prompts: list[PromptResult]
+    layers: list[int]
+    k_max: int
+    settings: dict[str, Any]
+    recommendation: Recommendation
+    stream_eval: dict[str, Any] | None = None
+    threshold: float = metrics.SINK_THRESHOLD
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # -- aggregates ---------------------------------------------------------------------------------------
+    @property
+    def first_token_mass(self) -> np.ndarray:
+        """``[layers, heads]`` mean over prompts of the first-token mass."""
+        return np.mean([p.first_token_mass for p in self.prompts], axis=0)
+
+    @property
+    def sink_mass(self) -> np.ndarray:
+        """``[layers, heads, K]`` mean over prompts of the mass on the first k tokens, k = 1..K."""
+        return np.mean([p.sink_mass for p in self.prompts], axis=0)
+
+    @property
+    def entropy(self) -> np.ndarray:
+        """``[layers, heads]`` mean over prompts of the attention entropy (nats)."""
+        return np.mean([p.entropy for p in self.prompts], axis=0)
+
+    @property
+    def sink_rate(self) -> float:
+        """Fraction of heads whose mean first-token mass exceeds the threshold."""
+        return metrics.sink_rate(self.first_token_mass, self.threshold)
+
+    def sink_heads(self, threshold: float | None = None) -> list[dict[str, Any]]:
+        """Heads above ``threshold`` first-token mass, strongest first."""
+        thr = self.threshold if threshold is None else threshold
+        ftm = self.first_token_mass
+        rows = [{"layer": self.layers[i], "head": h, "first_token_mass": float(ftm[i, h])}
+                for i, h in zip(*np.nonzero(ftm > thr), strict=True)]
+        return sorted(rows, key=lambda r: -r["first_token_mass"])
+
+    def strongest_heads(self, n: int = 4) -> list[tuple[int, int]]:
+        """The ``n`` (layer, head) pairs with the highest first-token mass, whether or not above threshold."""
+        ftm = self.first_token_mass
+        order = np.argsort(-ftm, axis=None)[:n]
+        return [(self.layers[int(i) // ftm.shape[1]], int(i) % ftm.shape[1]) for i in order]
+
+    def layer_row(self, layer: int) -> int:
+        """Row of ``layer`` in the arrays (they hold only the analysed layers)."""
+        try:
+            return self.layers.index(layer)
+        except ValueError:
+            raise ConfigError(f"layer {layer} was not analysed; analysed layers: {self.layers}") from None
+
+    def prompt(self, which: int | str = 0) -> PromptResult:
+        """A prompt's result by index or name."""
+        if isinstance(which, int):
+            return self.prompts[which]
+        for p in self.prompts:
+            if p.name == which:
+                return p
+        raise ConfigError(f"no prompt named {which!r}; prompts: {[p.name for p in self.prompts]}")
+
+    # -- export ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """The ``report.json`` document (schema ``sinkscope.report/1``)."""
+        return {
+            "schema": SCHEMA,
+            "model": self.model.to_dict(),
+            "prompts": [{"name": p.name, "n_tokens": p.n_tokens} for p in self.prompts],
+            "settings": {**self.settings, "k_max": self.k_max, "threshold": self.threshold},
+            "layers": self.layers,
+            "first_token_mass": _round(self.first_token_mass),
+            "sink_mass": _round(self.sink_mass),
+            "sink_rate": self.sink_rate,
+            "sink_heads": self.sink_heads(),
+            "recommendation": self.recommendation.to_dict(),
+            "stream_eval": self.stream_eval,
+            "entropy": _round(self.entropy),
+            "sink_positions": [{"prompt": p.name, "positions": [s.to_dict() for s in p.sink_positions]}
+                               for p in self.prompts],
+            "per_prompt": [{"name": p.name, "first_token_mass": _round(p.first_token_mass),
+                            "sink_rate": metrics.sink_rate(p.first_token_mass, self.threshold)}
+                           for p in self.prompts],
+            **self.extra,
+        }
+
+    def to_json(self, indent: int | None = 1) -> str:
+        """``to_dict()`` as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_dataframe(self) -> Any:
+        """One row per (layer, head): first-token mass, entropy and sink mass for k = 1..K (pandas)."""
+        import pandas as pd
+
+        ftm, ent, sm = self.first_token_mass, self.entropy, self.sink_mass
+        rows = []
+        for i, layer in enumerate(self.layers):
+            for h in range(ftm.shape[1]):
+                row = {"layer": layer, "head": h, "first_token_mass": ftm[i, h], "entropy": ent[i, h],
+                       "sink_head": bool(ftm[i, h] > self.threshold)}
+                row.update({f"sink_mass_k{k + 1}": sm[i, h, k] for k in range(self.k_max)})
+                rows.append(row)
+        return pd.DataFrame(rows)
+
+    # -- figures (built in sinkscope.plots, the one place figures come from) -----------------------------
+    def plot_heatmap(self) -> Any:
+        """Heatmap of first-token mass by layer x head."""
+        from . import plots
+
+        return plots.first_token_heatmap(self)
+
+    def plot_sink_mass(self) -> Any:
+        """Mass on the first k tokens against k, per layer."""
+        from . import plots
+
+        return plots.sink_mass_curves(self)
+
+    def plot_attention(self, layer: int, head: int, prompt: int | str = 0, log: bool = False) -> Any:
+        """One head's (pooled) attention map on one prompt."""
+        from . import plots
+
+        return plots.attention_map(self, layer, head, prompt=prompt, log=log)
+
+    def plot_sink_positions(self, prompt: int | str = 0) -> Any:
+        """The positions that draw the most attention, with their tokens."""
+        from . import plots
+
+        return plots.sink_positions_chart(self, prompt=prompt)
+
+    def _repr_html_(self) -> str:
+        rec = self.recommendation
+        heads = self.sink_heads()[:5]
+        rows = "".join(f"<tr><td>{h['layer']}</td><td>{h['head']}</td><td>{h['first_token_mass']:.3f}</td></tr>"
+                       for h in heads)
+        n_tok = ", ".join(f"{html.escape(p.name)} ({p.n_tokens})" for p in self.prompts)
+        return (
+            f"<div><b>SinkProfile</b> of <code>{html.escape(self.model.name)}</code> "
+            f"({self.model.n_layers} layers x {self.model.n_heads} heads) on {len(self.prompts)} prompt(s): "
+            f"{n_tok}<br>sink rate {self.sink_rate:.1%} (first-token mass &gt; {self.threshold}); "
+            f"<b>recommended sinks: {rec.sinks}</b> ({html.escape(rec.method)})"
+            f"<table><tr><th>layer</th><th>head</th><th>first-token mass</th></tr>{rows}</table></div>"
+        )
+
+    def __repr__(self) -> str:
+        return (f"SinkProfile(model={self.model.name!r}, prompts={len(self.prompts)}, "
+                f"sink_rate={self.sink_rate:.3f}, recommended_sinks={self.recommendation.sinks})")
+
+
+def _round(a: np.ndarray, digits: int = 6) -> list[Any]:
+    return np.round(np.asarray(a, dtype=float), digits).tolist()
+
+
+# ------------------------------------------------------------------------------------------ recommendation
+
+
+def recommend_from_attention(sink_mass: np.ndarray, first_token_mass: np.ndarray, *,
+                             threshold: float = metrics.SINK_THRESHOLD,
+                             share: float = DEFAULT_SHARE) -> Recommendation:
+    """Smallest k whose cumulative mass in the sink heads reaches ``share`` of what the first K tokens get.
+
+    Sink heads are those whose first-token mass exceeds ``threshold``; if there are none, heads that put more
+    than ``threshold`` on the first K tokens together (a spread-out sink); if still none, the evidence says
+    the model parks nothing on its first tokens and the recommendation is 0.
+    """
+    sm = np.asarray(sink_mass, dtype=float)
+    ftm = np.asarray(first_token_mass, dtype=float)
+    k_max = sm.shape[-1]
+    chosen = ftm > threshold
+    basis = "first_token_mass > threshold"
+    if not chosen.any():
+        chosen = sm[..., -1] > threshold
+        basis = "sink_mass[K] > threshold (no head above threshold on the first token alone)"
+    evidence: dict[str, Any] = {"threshold": threshold, "share": share, "k_max": k_max, "heads_basis": basis,
+                                "heads_used": int(chosen.sum()), "heads_total": int(chosen.size)}
+    method = f"attention: smallest k reaching {share:.0%} of the first-{k_max} mass in sink heads"
+    if not chosen.any():
+        evidence["curve"] = _round(sm.reshape(-1, k_max).mean(0))
+        return Recommendation(0, method, {**evidence, "note": "no head parks attention on the first tokens"})
+    curve = sm[chosen].mean(0)  # [K]
+    target = share * curve[-1]
+    sinks = int(np.argmax(curve >= target - 1e-12)) + 1
+    evidence.update({"curve": _round(curve), "target": float(target),
+                     "mass_at_recommended": float(curve[sinks - 1])})
+    return Recommendation(sinks, method, evidence)
+
+
+# ------------------------------------------------------------------------------------------------ analyze
+
+
+def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str | Prompt], *,
+            tokenizer: Any = None, k_max: int = DEFAULT_K, max_tokens: int | None = None,
+            layers: Sequence[int] | None = None, map_size: int | None = DEFAULT_MAP_SIZE,
+            share: float = DEFAULT_SHARE, threshold: float = metrics.SINK_THRESHOLD,
+            progress: bool = True) -> SinkProfile:
+    """Measure where ``model`` parks its attention on ``prompts`` and recommend a sink count.
+
+    Args:
+        model: a :class:`~sinkscope.models.LoadedModel`, a model source for :func:`sinkscope.load_model`
+            (e.g. ``"smollm2-135m"``), or a Hugging Face causal LM (then pass ``tokenizer``).
+        prompts: a text, a :class:`Prompt`, or a list of either.
+        k_max: K, the number of leading tokens measured (queries before K are left out).
+        max_tokens: truncate each prompt to this many tokens (default: the model's context).
+        layers: analyse only these layers (default: all).
+        map_size: keep each head's attention map pooled to at most this many bins per side (None: keep none).
+        share: the recommendation's target share of the first-K mass.
+        threshold: first-token mass above which a head is a sink head.
+        progress: show a progress bar.
+    """
+    lm = _as_loaded(model, tokenizer)
+    spec = lm.spec
+    if not isinstance(k_max, int) or k_max < 1:
+        raise ConfigError(f"k_max must be a positive integer, got {k_max!r}")
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise ConfigError(f"max_tokens must be at least {k_max + 1}, got {max_tokens}")
+        if spec.max_positions and max_tokens > spec.max_positions:
+            raise ConfigError(f"max_tokens {max_tokens} is beyond {spec.name}'s context of {spec.max_positions}")
+    if not 0 < share <= 1:
+        raise ConfigError(f"share must be in (0, 1], got {share}")
+    items = as_prompts(prompts)
+    encoded = [_encode(lm, p, max_tokens, k_max) for p in items]
+    layer_list = _layer_list(layers, spec.n_layers)
+
+    from tqdm.auto import tqdm
+
+    total = sum(len(layer_list) for _ in encoded)
+    with tqdm(total=total, desc=f"analyzing {spec.name}", unit="layer", disable=not progress,
+              leave=False) as bar:
+        results = [_analyze_one(lm, p, ids, k_max, layer_list, map_size, bar) for p, ids in zip(items, encoded,
+                                                                                               strict=True)]
+    ftm = np.mean([r.first_token_mass for r in results], axis=0)
+    sm = np.mean([r.sink_mass for r in results], axis=0)
+    rec = recommend_from_attention(sm, ftm, threshold=threshold, share=share)
+    settings = {"dtype": spec.dtype, "device": spec.device, "max_tokens": max_tokens, "map_size": map_size,
+                "capture": "eager attention, forward hooks, per-layer reduction",
+                "local_window": metrics.LOCAL_WINDOW}
+    return SinkProfile(model=spec, prompts=results, layers=layer_list, k_max=k_max, settings=settings,
+                       recommendation=rec, threshold=threshold)
+
+
+def _as_loaded(model: Any, tokenizer: Any) -> LoadedModel:
+    if isinstance(model, LoadedModel):
+        return model
+    if isinstance(model, str):
+        return load_model(model)
+    if tokenizer is None:
+        raise ConfigError("pass tokenizer=... with a bare Hugging Face model, or pass a sinkscope.load_model(...)")
+    from .models import spec_from_model
+
+    name = getattr(model.config, "name_or_path", None) or type(model).__name__
+    return LoadedModel(model, tokenizer, spec_from_model(model, tokenizer, str(name), str(name)))
+
+
+def _layer_list(layers: Sequence[int] | None, n: int) -> list[int]:
+    if layers is None:
+        return list(range(n))
+    out = []
+    for i in layers:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise ConfigError(f"layer {i} out of range: the model has {n} layers")
+        out.append(j)
+    if not out:
+        raise ConfigError("layers must not be empty")
+    return sorted(set(out))
+
+
+def _encode(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int) -> torch.Tensor:
+    ids = lm.tokenizer(prompt.text, return_tensors="pt").input_ids
+    limit = max_tokens or lm.spec.max_positions
+    if limit and ids.shape[1] > limit:
+        ids = ids[:, :limit]
+    if ids.shape[1] < k_max + 1:
+        raise PromptError(f"prompt {prompt.name!r} has {ids.shape[1]} tokens; it needs at least K + 1 = "
+                          f"{k_max + 1} (give a longer text or a smaller --k-max)")
+    return ids
+
+
+def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int, layers: list[int],
+                 map_size: int | None, bar: Any) -> PromptResult:
+    spec, t = lm.spec, ids.shape[1]
+    n_l, n_h = len(layers), spec.n_heads
+    ftm, ent = np.zeros((n_l, n_h)), np.zeros((n_l, n_h))
+    sm = np.zeros((n_l, n_h, k_max))
+    received = np.zeros(t)
+    row_of = {layer: i for i, layer in enumerate(layers)}
+    pooled: list[torch.Tensor | None] = [None] * n_l
+    bins: list[tuple[int, int]] = []
+
+    def on_layer(layer: int, probs: torch.Tensor) -> None:
+        nonlocal bins
+        p, i = probs[0], row_of[layer]
+        ftm[i] = metrics.first_token_mass(p, k_max)
+        sm[i] = metrics.sink_mass(p, k_max)
+        ent[i] = metrics.entropy(p, k_max)
+        received[:] += metrics.received_mass(p, k_max).total
+        if map_size:
+            pooled[i], bins = pool_map(p, map_size)
+        bar.update(1)
+
+    base = getattr(lm.model, "base_model", None) or lm.model  # skip the LM head: logits are T x vocab floats
+    device = next(lm.model.parameters()).device
+    with capture(lm.model, layers=layers, keep_maps=False, on_layer=on_layer), torch.no_grad():
+        base(input_ids=ids.to(device), use_cache=False)
+
+    id_list = ids[0].tolist()
+    tokens = [lm.tokenizer.decode([i]) for i in id_list]
+    positions = _sink_positions(received, t, k_max, n_l * n_h, tokens, id_list, lm.tokenizer.bos_token_id)
+    attention = None
+    if map_size:
+        maps = torch.stack([m for m in pooled if m is not None]).cpu().numpy().astype(np.float32)
+        labels = [_bin_label(tokens, a, b) for a, b in bins]
+        attention = AttentionMaps(maps=maps, bins=bins, labels=labels)
+    return PromptResult(name=prompt.name, n_tokens=t, tokens=tokens, first_token_mass=ftm, sink_mass=sm,
+                        entropy=ent, sink_positions=positions, attention=attention)
+
+
+def _sink_positions(received: np.ndarray, t: int, k_max: int, n_pairs: int, tokens: list[str],
+                    ids: list[int], bos_id: int | None) -> list[SinkPosition]:
+    queries = np.maximum(0, t - np.maximum(k_max, np.arange(t) + metrics.LOCAL_WINDOW))
+    # Rank only positions seen by enough distant queries: a mean over two queries is noise, not a sink.
+    min_q = min(16, int(queries.max())) if queries.max() > 0 else 1
+    ok = queries >= max(1, min_q)
+    mean = np.where(ok, received / np.maximum(queries * n_pairs, 1), 0.0)
+    uniform = metrics.uniform_share(t, k_max)
+    order = [int(j) for j in np.argsort(-mean) if ok[j]][:N_SINK_POSITIONS]
+    return [SinkPosition(position=j, token=tokens[j],
+                         kind=metrics.token_kind(tokens[j], is_bos=(j == 0 and ids[0] == bos_id)),
+                         received=float(mean[j]), vs_uniform=float(mean[j] / uniform[j]) if uniform[j] else 0.0)
+            for j in order]
+
+
+def _bin_label(tokens: list[str], a: int, b: int) -> str:
+    if b - a == 1:
+        return f"{a}: {tokens[a]!r}"
+    return f"{a}-{b - 1}"
+
+
+__all__ = ["SinkProfile", "PromptResult", "SinkPosition", "Recommendation", "AttentionMaps", "analyze",
+           "recommend_from_attention"]
