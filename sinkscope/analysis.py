@@ -111,14 +111,14 @@ class SinkProfile:
 
     @property
     def sink_rate(self) -> float:
-        """Fraction of heads whose mean first-token mass exceeds the threshold."""
-        return metrics.sink_rate(self.first_token_mass, self.threshold)
+        """Fraction of heads whose first-token mass exceeds the threshold: the mean of the per-prompt rates."""
+        return float(np.mean([metrics.sink_rate(p.first_token_mass, self.threshold) for p in self.prompts]))
 
     def sink_heads(self, threshold: float | None = None) -> list[dict[str, Any]]:
         """Heads above ``threshold`` first-token mass, strongest first."""
         thr = self.threshold if threshold is None else threshold
         ftm = self.first_token_mass
-        rows = [{"layer": self.layers[i], "head": h, "first_token_mass": float(ftm[i, h])}
+        rows = [{"layer": self.layers[int(i)], "head": int(h), "first_token_mass": float(ftm[i, h])}
                 for i, h in zip(*np.nonzero(ftm > thr), strict=True)]
         return sorted(rows, key=lambda r: -r["first_token_mass"])
 
@@ -420,5 +420,12 @@ def _bin_label(tokens: list[str], a: int, b: int) -> str:
     return f"{a}-{b - 1}"
 
 
-__all__ = ["SinkProfile", "PromptResult", "SinkPosition", "Recommendation", "AttentionMaps", "analyze",
-           "recommend_from_attention"]
+__all__ = [
+    "AttentionMaps",
+    "PromptResult",
+    "Recommendation",
+    "SinkPosition",
+    "SinkProfile",
+    "analyze",
+    "recommend_from_attention",
+]

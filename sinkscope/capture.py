@@ -39,8 +39,9 @@ def find_attention_modules(model: nn.Module) -> list[nn.Module]:
         if all(m is not None for m in found):
             return found  # type: ignore[return-value]
     raise CaptureError(
-        f"can't find hookable self-attention modules in {type(model).__name__}: sinkscope looks for a list of "
-        f"{n_layers} decoder layers, each with a child named one of {', '.join(_ATTN_NAMES)}"
+        f"can't find hookable self-attention modules in {type(model).__name__}: sinkscope needs a transformer "
+        f"with {n_layers} decoder layers, each with a child named one of {', '.join(_ATTN_NAMES)} "
+        "(Llama, Gemma, GPT-2, Mistral, Qwen ...)"
     )
 
 

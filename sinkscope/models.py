@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ModelLoadError, ModelNotFoundError
+from .errors import CaptureError, ConfigError, ModelLoadError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,9 @@ def spec_from_model(model: Any, tokenizer: Any, name: str, source: str) -> Model
     """Read a :class:`ModelSpec` off a loaded causal LM and its tokenizer."""
     cfg = model.config
     cfg = getattr(cfg, "text_config", None) or cfg
+    if _first_attr(cfg, "num_attention_heads", "n_head", default=None) is None:
+        raise CaptureError(f"{type(model).__name__} has no attention heads to hook (its config has no "
+                           "num_attention_heads); sinkscope analyses transformers (Llama, Gemma, GPT-2, ...)")
     n_heads = int(_first_attr(cfg, "num_attention_heads", "n_head"))
     hidden = int(_first_attr(cfg, "hidden_size", "n_embd"))
     head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads

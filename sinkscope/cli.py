@@ -1,0 +1,180 @@
+"""The ``sinkscope`` command. Each subcommand parses, validates cheap things first, then calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+from .errors import ConfigError, SinkscopeError
+
+EPILOG = "Docs: docs/cli.md. Models: `sinkscope models`. Cache: $SINKSCOPE_CACHE (default ~/.cache/sinkscope)."
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _share(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers like 0,5,-1, got {text!r}") from None
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weight dtype (default: float32)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow custom model code from a hub repository (off by default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for the docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="sinkscope", description="Where does a transformer LLM park its attention? Attention-sink analysis.",
+        epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"sinkscope {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p_models = sub.add_parser("models", help="list the embedded models and whether they are installed/converted",
+                              description="List the embedded models, their install state and the conversion cache.")
+    p_models.set_defaults(func=cmd_models)
+
+    p_rep = sub.add_parser(
+        "report", help="analyse a model's attention sinks and write report.json/.html/.md",
+        description="Capture attention on prompts, measure sinks per layer and head, recommend a sink count, "
+                    "and write DIR/report.json, DIR/report.html (self-contained, opens offline) and DIR/report.md.",
+        epilog=EPILOG)
+    p_rep.add_argument("model", nargs="?", default="smollm2-135m",
+                       help="registry name, local HF directory, .gguf file or hub id (default: smollm2-135m)")
+    p_rep.add_argument("--prompt-file", action="append", default=None, metavar="F",
+                       help="a UTF-8 text file to analyse; repeat for several (default: sample_prompts/*.txt)")
+    p_rep.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                       help="truncate each prompt to N tokens (default: the model's context)")
+    p_rep.add_argument("--k-max", type=_positive_int, default=8, metavar="K",
+                       help="measure the first K tokens as sink candidates (default: 8)")
+    p_rep.add_argument("--out", default=None, metavar="DIR",
+                       help="output directory (default: sinkscope-reports/MODEL)")
+    p_rep.add_argument("--layers", type=_layers, default=None, metavar="L,L,...",
+                       help="analyse only these layers (default: all)")
+    p_rep.add_argument("--map-size", type=_positive_int, default=96, metavar="N",
+                       help="pool displayed attention maps to at most N x N (default: 96)")
+    p_rep.add_argument("--share", type=_share, default=0.95,
+                       help="recommendation target: share of the first-K mass to keep (default: 0.95)")
+    p_rep.add_argument("--threshold", type=_share, default=0.3,
+                       help="first-token mass above which a head is a sink head (default: 0.3)")
+    p_rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_options(p_rep)
+    p_rep.set_defaults(func=cmd_report)
+    return parser
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """Print the registry: name, installed, converted, description; the install command where missing."""
+    from .models import cache_dir, list_models
+
+    rows = list_models()
+    width = max(len(r["name"]) for r in rows) + (len(" (default)"))
+    print(f"{'name':<{width}}  installed  converted  description")
+    for r in rows:
+        name = r["name"] + (" (default)" if r["default"] else "")
+        print(f"{name:<{width}}  {'yes' if r['installed'] else 'no':<9}  {'yes' if r['converted'] else 'no':<9}  "
+              f"{r['description']}")
+    for r in rows:
+        if not r["installed"]:
+            print(f"\nto install {r['name']}: {r['install']}")
+    print(f"\nconverted weights are cached in {cache_dir() / 'models'}")
+    print("any local Hugging Face directory, .gguf file or hub id (org/name) works too.")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Analyse MODEL on prompts and write the three report files."""
+    from .prompts import read_prompt_file, sample_prompts
+    from .report import check_output_dir
+
+    if args.max_tokens is not None and args.max_tokens < args.k_max + 1:
+        raise ConfigError(f"--max-tokens must be at least K + 1 = {args.k_max + 1}, got {args.max_tokens}")
+    prompts = [read_prompt_file(f) for f in args.prompt_file] if args.prompt_file else sample_prompts()
+    out = Path(args.out) if args.out else Path("sinkscope-reports") / _safe_name(args.model)
+    out = check_output_dir(out)  # before the slow part: a bad --out must not cost a model load
+
+    from .analysis import analyze
+    from .models import load
+    from .report import write_report
+
+    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+              progress=not args.quiet)
+    profile = analyze(lm, prompts, k_max=args.k_max, max_tokens=args.max_tokens, layers=args.layers,
+                      map_size=args.map_size, share=args.share, threshold=args.threshold,
+                      progress=not args.quiet)
+    paths = write_report(profile, out)
+    rec = profile.recommendation
+    print(f"{lm.spec.name}: {len(profile.prompts)} prompts, "
+          f"{sum(p.n_tokens for p in profile.prompts)} tokens; sink rate {profile.sink_rate:.1%}")
+    for h in profile.sink_heads()[:3]:
+        print(f"  sink head L{h['layer']}.H{h['head']}: first-token mass {h['first_token_mass']:.3f}")
+    print(f"recommended sinks: {rec.sinks}  ({rec.method})")
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def _safe_name(source: str) -> str:
+    stem = Path(source.rstrip("/")).name or "model"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in stem.removesuffix(".gguf"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run a subcommand; user mistakes become one line on stderr and exit code 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    _quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except SinkscopeError as exc:
+        print(f"sinkscope: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("\nsinkscope: interrupted; no partial report was written", file=sys.stderr)
+        return 130
+
+
+def _quiet_libraries() -> None:
+    # transformers warns about things sinkscope handles itself (attention switches, generation defaults).
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()  # its per-load bars are noise; sinkscope shows its own progress
+    except ImportError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
