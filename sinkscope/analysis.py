@@ -13,7 +13,7 @@ import torch
 
 from . import metrics
 from .capture import capture, pool_map
-from .errors import ConfigError, PromptError
+from .errors import CaptureError, ConfigError, PromptError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
 from .prompts import Prompt, as_prompts
@@ -138,6 +138,8 @@ class SinkProfile:
     def prompt(self, which: int | str = 0) -> PromptResult:
         """A prompt's result by index or name."""
         if isinstance(which, int):
+            if not -len(self.prompts) <= which < len(self.prompts):
+                raise ConfigError(f"prompt index {which} out of range: there are {len(self.prompts)} prompts")
             return self.prompts[which]
         for p in self.prompts:
             if p.name == which:
@@ -148,6 +150,7 @@ class SinkProfile:
     def to_dict(self) -> dict[str, Any]:
         """The ``report.json`` document (schema ``sinkscope.report/1``)."""
         return {
+            **self.extra,  # first, so that extra keys can never replace a key of the contract
             "schema": SCHEMA,
             "model": self.model.to_dict(),
             "prompts": [{"name": p.name, "n_tokens": p.n_tokens} for p in self.prompts],
@@ -165,7 +168,6 @@ class SinkProfile:
             "per_prompt": [{"name": p.name, "first_token_mass": _round(p.first_token_mass),
                             "sink_rate": metrics.sink_rate(p.first_token_mass, self.threshold)}
                            for p in self.prompts],
-            **self.extra,
         }
 
     def to_json(self, indent: int | None = 1) -> str:
@@ -231,7 +233,11 @@ class SinkProfile:
 
 
 def _round(a: np.ndarray, digits: int = 6) -> list[Any]:
-    return np.round(np.asarray(a, dtype=float), digits).tolist()
+    arr = np.round(np.asarray(a, dtype=float), digits)
+    if np.isfinite(arr).all():
+        return arr.tolist()
+    # JSON has no NaN: an undefined value (e.g. an empty mean) is written as null.
+    return np.where(np.isfinite(arr), arr, None).tolist()
 
 
 # ------------------------------------------------------------------------------------------ recommendation
@@ -295,8 +301,8 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
     if not isinstance(k_max, int) or k_max < 1:
         raise ConfigError(f"k_max must be a positive integer, got {k_max!r}")
     if max_tokens is not None:
-        if max_tokens < 1:
-            raise ConfigError(f"max_tokens must be at least {k_max + 1}, got {max_tokens}")
+        if max_tokens < k_max + 1:
+            raise ConfigError(f"max_tokens must be at least K + 1 = {k_max + 1}, got {max_tokens}")
         if spec.max_positions and max_tokens > spec.max_positions:
             raise ConfigError(f"max_tokens {max_tokens} is beyond {spec.name}'s context of {spec.max_positions}")
     if not 0 < share <= 1:
@@ -304,6 +310,7 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
     items = as_prompts(prompts)
     encoded = [_encode(lm, p, max_tokens, k_max) for p in items]
     layer_list = _layer_list(layers, spec.n_layers)
+    _check_memory(spec, max(int(ids.shape[1]) for ids in encoded), next(lm.model.parameters()).device)
 
     from tqdm.auto import tqdm
 
@@ -360,6 +367,38 @@ def _encode(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int)
     return ids
 
 
+# Eager attention holds about four [heads, T, T] float32 tensors at once at its peak (scores, masked
+# scores, probabilities, and the pooling pass over them).
+_EAGER_COPIES = 4
+
+
+def capture_bytes(spec: ModelSpec, n_tokens: int) -> int:
+    """Estimated peak extra memory of capturing one layer's attention for a prompt of ``n_tokens``."""
+    return _EAGER_COPIES * spec.n_heads * n_tokens * n_tokens * 4
+
+
+def _available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None  # unknown: don't guess
+
+
+def _check_memory(spec: ModelSpec, n_tokens: int, device: torch.device) -> None:
+    need, free = capture_bytes(spec, n_tokens), _available_bytes(device)
+    if free is None or need <= 0.9 * free:
+        return
+    fits = int((0.9 * free / (_EAGER_COPIES * spec.n_heads * 4)) ** 0.5)
+    raise ConfigError(f"capturing attention over {n_tokens} tokens needs about {need / 2**30:.1f} GiB and "
+                      f"{free / 2**30:.1f} GiB is free on {device}; pass --max-tokens {fits} or less")
+
+
 def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int, layers: list[int],
                  map_size: int | None, bar: Any) -> PromptResult:
     spec, t = lm.spec, ids.shape[1]
@@ -388,15 +427,29 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         base(input_ids=ids.to(device), use_cache=False)
 
     id_list = ids[0].tolist()
-    tokens = [lm.tokenizer.decode([i]) for i in id_list]
+    tokens = token_texts(lm.tokenizer, id_list)
     positions = _sink_positions(received, t, k_max, n_l * n_h, tokens, id_list, lm.tokenizer.bos_token_id)
     attention = None
     if map_size:
-        maps = torch.stack([m for m in pooled if m is not None]).cpu().numpy().astype(np.float32)
+        missing = [layers[i] for i, m in enumerate(pooled) if m is None]
+        if missing:
+            raise CaptureError(f"layers {missing[:5]} produced no attention during the forward pass")
+        maps = torch.stack(pooled).cpu().numpy().astype(np.float32)  # type: ignore[arg-type]
         labels = [_bin_label(tokens, a, b) for a, b in bins]
         attention = AttentionMaps(maps=maps, bins=bins, labels=labels)
     return PromptResult(name=prompt.name, n_tokens=t, tokens=tokens, first_token_mass=ftm, sink_mass=sm,
                         entropy=ent, sink_positions=positions, attention=attention)
+
+
+def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
+    """Readable text of each token; byte-level pieces of a multi-byte character keep their raw form."""
+    out = []
+    for i in ids:
+        text = tokenizer.decode([i])
+        if "\ufffd" in text:  # half of a UTF-8 character: "\ufffd" says nothing, the raw piece does
+            text = str(tokenizer.convert_ids_to_tokens(i))
+        out.append(text)
+    return out
 
 
 def _sink_positions(received: np.ndarray, t: int, k_max: int, n_pairs: int, tokens: list[str],

@@ -220,6 +220,7 @@ def load(source: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "floa
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     _check_device(torch, device)
     name, directory, hub_id = _resolve(source, progress=progress)
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = directory if directory is not None else hub_id
@@ -227,7 +228,7 @@ def load(source: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "floa
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, dtype), **kwargs)
-    except OSError as exc:
+    except (OSError, SafetensorError) as exc:  # SafetensorError: a corrupt or truncated weights file
         where = f"directory {directory}" if directory is not None else f"hub id {hub_id!r}"
         raise ModelLoadError(f"could not load the model from {where}: {_first_line(exc)}") from exc
     except ValueError as exc:

@@ -194,3 +194,18 @@ def test_report_on_real_model(capsys, tmp_path):
     assert doc["prompts"][0]["n_tokens"] == 128
     assert 1 <= doc["recommendation"]["sinks"] <= 8
     assert "recommended sinks" in stdout
+
+
+def test_refuses_prompt_too_long_for_memory(capsys, llama_dir, prompt_file, tmp_path, monkeypatch):
+    """A length beyond what memory allows is refused with an estimate before any forward pass."""
+    import sinkscope.analysis
+
+    monkeypatch.setattr(sinkscope.analysis, "_available_bytes", lambda _device: 100_000)
+    forwards = []
+    monkeypatch.setattr(sinkscope.analysis, "_analyze_one", lambda *a, **k: forwards.append(1))
+    rc, _, err = run(capsys, str(llama_dir), "--prompt-file", str(prompt_file), "--out", str(tmp_path / "o"))
+    assert_one_line_error(rc, err, "GiB", "--max-tokens")
+    suggested = int(err.split("--max-tokens ")[1].split()[0])
+    # The suggestion must itself fit: 4 copies x 4 heads x T^2 x 4 bytes <= 90% of 100 kB.
+    assert 4 * 4 * suggested**2 * 4 <= 90_000 < 4 * 4 * (suggested + 1) ** 2 * 4
+    assert forwards == []

@@ -1,0 +1,479 @@
+"""Write a :class:`~sinkscope.analysis.SinkProfile` as ``report.json``, ``report.html`` and ``report.md``.
+
+* ``report.json`` is exactly ``profile.to_dict()`` (schema ``sinkscope.report/1``);
+* ``report.html`` is one self-contained file that opens offline: plotly.js is embedded once in the head and
+  every figure comes from :mod:`sinkscope.plots`;
+* ``report.md`` holds the summary tables.
+
+Nothing here computes a new metric: it selects, formats and escapes what the profile holds. Everything that
+comes from a model or a prompt (names, token text) is escaped for the format it goes into.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import __version__, plots
+from ._io import atomic_write_many, temp_path_for
+from .analysis import SCHEMA
+from .errors import OutputError
+from .metrics import sink_rate
+
+if TYPE_CHECKING:
+    import plotly.graph_objects as go
+
+    from .analysis import PromptResult, SinkProfile
+
+REPORT_FILES = {"json": "report.json", "html": "report.html", "md": "report.md"}
+N_POSITION_PROMPTS = 3  # sink-position charts in the HTML report: the first few prompts
+N_TOP_HEADS = 10
+_PLOTLY_CONFIG = {"displaylogo": False, "responsive": True, "toImageButtonOptions": {"format": "png", "scale": 2},
+                  "modeBarButtonsToRemove": ["select2d", "lasso2d", "zoomIn2d", "zoomOut2d", "autoScale2d"]}
+
+
+# --------------------------------------------------------------------------------------------- output dir
+
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Make sure ``out_dir`` is a directory sinkscope can write to, creating it if needed; return its path.
+
+    Cheap, so the CLI calls it before loading a model. Raises :class:`OutputError` with a message that says
+    what to do when the path is a file, sits under a file, or can't be created or written.
+    """
+    path = Path(out_dir).expanduser()
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"output path {path} is an existing file, not a directory; pass a directory path "
+                          f"(--out DIR) or remove the file")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise OutputError(f"can't create output directory {path}: part of that path is a file; "
+                          f"choose another directory (--out DIR)") from None
+    except OSError as exc:
+        raise OutputError(f"can't create output directory {path}: {exc.strerror or exc}; "
+                          f"choose a directory you can write to (--out DIR)") from None
+    probe = temp_path_for(path / ".sinkscope-write-test")
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b"ok")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise OutputError(f"can't write to output directory {path}: {exc.strerror or exc}; "
+                          f"choose a directory you can write to (--out DIR)") from None
+    finally:
+        probe.unlink(missing_ok=True)
+    return path
+
+
+def write_report(profile: SinkProfile, out_dir: str | Path, *, figures_for_heads: int = 4) -> dict[str, Path]:
+    """Write ``report.json``, ``report.html`` and ``report.md`` into ``out_dir``; return their paths by kind.
+
+    All three documents are rendered in memory first, then written through temporary files and renamed into
+    place, so an interruption leaves either the previous files or the complete new ones, never a part.
+
+    Args:
+        profile: the result of :func:`sinkscope.analyze`.
+        out_dir: the output directory (created if missing).
+        figures_for_heads: how many of the strongest sink heads get an attention-map figure in the HTML.
+
+    Raises:
+        OutputError: ``out_dir`` can't be created or written.
+    """
+    out = check_output_dir(out_dir)
+    texts = {
+        "json": json.dumps(profile.to_dict(), indent=1) + "\n",
+        "html": render_html(profile, figures_for_heads=figures_for_heads),
+        "md": render_markdown(profile),
+    }
+    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
+    try:
+        atomic_write_many({paths[kind]: text for kind, text in texts.items()})
+    except OSError as exc:
+        raise OutputError(f"can't write the report into {out}: {exc.strerror or exc}; "
+                          f"free some space or choose another directory (--out DIR)") from None
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------- format
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _num(value: Any, digits: int = 4) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        v = float(value)
+        if not math.isfinite(v):
+            return str(v)
+        return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.4g}"
+    return str(value)
+
+
+def _pct(value: float) -> str:
+    return f"{value:.1%}"
+
+
+def _token(text: str) -> str:
+    """A token as a visible literal (newlines as ``\\n``), not yet escaped for any format."""
+    return plots.visible_token(text)
+
+
+def _md(text: Any) -> str:
+    """Text made inert in a Markdown table cell: control characters visible, markup characters escaped."""
+    s = str(text).replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    out = []
+    for c in s:
+        if c in "\\`*_[]<>|~&#!":
+            out.append("\\" + c)
+        else:
+            out.append(c)
+    return "".join(out)
+
+
+def _md_table(header: list[str], rows: list[list[str]], align: str | None = None) -> str:
+    aligns = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in aligns]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(header: list[str], rows: list[list[str]], cls: str = "", highlight: int | None = None) -> str:
+    """A table whose cells are already-escaped HTML."""
+    head = "".join(f"<th>{h}</th>" for h in header)
+    hl = ' class="hl"'
+    body = "".join(
+        f"<tr{hl if i == highlight else ''}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+        for i, r in enumerate(rows))
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _layers_text(profile: SinkProfile) -> str:
+    if profile.layers == list(range(profile.model.n_layers)):
+        return f"all {profile.model.n_layers}"
+    return ", ".join(str(x) for x in profile.layers)
+
+
+def _head_rows(profile: SinkProfile, n: int) -> tuple[list[dict[str, Any]], bool]:
+    """The top ``n`` sink heads (above threshold); if none, the strongest heads anyway (flag False)."""
+    heads = profile.sink_heads()[:n]
+    if heads:
+        return heads, True
+    ftm = profile.first_token_mass
+    return [{"layer": layer, "head": h, "first_token_mass": float(ftm[profile.layer_row(layer), h])}
+            for layer, h in profile.strongest_heads(n)], False
+
+
+def _model_rows(profile: SinkProfile) -> list[tuple[str, str]]:
+    m = profile.model
+    rows = [("name", m.name), ("source", m.source), ("architecture", f"{m.architecture} ({m.model_type})"),
+            ("layers x heads", f"{m.n_layers} x {m.n_heads} query heads, {m.n_kv_heads} KV heads"),
+            ("head dim", str(m.head_dim)), ("positions", m.positional),
+            ("context", str(m.max_positions) if m.max_positions else "unknown")]
+    if m.sliding_window:
+        rows.append(("sliding window", str(m.sliding_window)))
+    rows.append(("weights", f"{m.dtype} on {m.device}"))
+    return rows
+
+
+def _settings(profile: SinkProfile) -> dict[str, Any]:
+    return {**profile.to_dict()["settings"], "layers": _layers_text(profile)}
+
+
+# ---------------------------------------------------------------------------------------------------- HTML
+
+_CSS = """
+:root { --fg: #1d232b; --muted: #5b6675; --line: #e3e7ed; --bg: #f5f7fa; --card: #fff; --accent: #d62728; }
+* { box-sizing: border-box; }
+body { margin: 0; background: var(--bg); color: var(--fg);
+  font: 15px/1.5 system-ui, -apple-system, "Segoe UI", Roboto, Helvetica, Arial, sans-serif; }
+.container { max-width: 1180px; margin: 0 auto; padding: 24px 20px 40px; }
+header h1 { margin: 0 0 4px; font-size: 26px; }
+header .sub { color: var(--muted); margin: 0 0 18px; }
+code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; font-size: 0.92em;
+  background: #eef1f5; padding: 1px 4px; border-radius: 4px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 10px; padding: 16px 18px;
+  margin: 0 0 18px; box-shadow: 0 1px 2px rgba(0,0,0,.04); min-width: 0; }
+.card h2 { font-size: 18px; margin: 0 0 6px; }
+.card h3 { font-size: 15px; margin: 14px 0 6px; }
+.note { color: var(--muted); margin: 0 0 8px; font-size: 14px; }
+.summary { display: grid; grid-template-columns: minmax(380px, 1.45fr) minmax(240px, 1fr) minmax(240px, 1fr);
+  gap: 18px; }
+.summary .card { margin: 0; }
+.rec .big { font-size: 60px; font-weight: 700; line-height: 1.05; color: var(--accent); }
+.rec .big small { font-size: 18px; font-weight: 500; color: var(--fg); }
+.rec .method { margin: 6px 0 10px; }
+/* fixed columns: a figure is drawn as soon as its script runs, before its neighbours exist */
+.grid { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 14px; }
+.grid > div { min-width: 0; }
+table { border-collapse: collapse; width: 100%; font-size: 14px; font-variant-numeric: tabular-nums; }
+th, td { text-align: left; padding: 4px 8px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { color: var(--muted); font-weight: 600; }
+table.numeric td:not(:first-child), table.numeric th:not(:first-child) { text-align: right; }
+tr.hl td { background: #fdeaea; font-weight: 600; }
+table.kv td:first-child { color: var(--muted); white-space: nowrap; width: 1%; }
+.scroll { overflow-x: auto; }
+table.curve { font-size: 13px; }
+table.curve td, table.curve th { text-align: right; padding: 3px 5px; }
+table.curve .hlc { background: #fdeaea; font-weight: 700; }
+table.curve th:first-child, table.curve td:first-child { text-align: left; }
+.stat { font-size: 28px; font-weight: 700; }
+.tok { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; white-space: pre; }
+footer { color: var(--muted); font-size: 13px; margin-top: 26px; text-align: center; }
+@media (max-width: 900px) { .summary { grid-template-columns: 1fr; } .grid { grid-template-columns: 1fr; } }
+"""
+
+
+def _fig_html(fig: go.Figure, div_id: str) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=False, config=_PLOTLY_CONFIG, div_id=div_id)
+
+
+def _curve_table(curve: list[float], sinks: int) -> str:
+    total = curve[-1] if curve and curve[-1] else None
+
+    def cell(tag: str, k: int, text: str) -> str:
+        return f'<{tag} class="hlc">{text}</{tag}>' if k == sinks else f"<{tag}>{text}</{tag}>"
+
+    ks = range(1, len(curve) + 1)
+    head = "<th>k</th>" + "".join(cell("th", k, str(k)) for k in ks)
+    rows = ["<tr><td>mass</td>" + "".join(cell("td", k, f"{v:.3f}") for k, v in zip(ks, curve, strict=True))
+            + "</tr>"]
+    if total:
+        rows.append("<tr><td>share</td>"
+                    + "".join(cell("td", k, f"{v / total:.0%}") for k, v in zip(ks, curve, strict=True)) + "</tr>")
+    return (f'<div class="scroll"><table class="curve"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def _evidence_html(profile: SinkProfile) -> str:
+    rec = profile.recommendation
+    parts = []
+    curve = rec.evidence.get("curve")
+    if isinstance(curve, list) and curve and all(isinstance(v, (int, float)) for v in curve):
+        parts.append('<div class="note">Mean attention mass on the first k tokens, over the heads used:</div>')
+        parts.append(_curve_table([float(v) for v in curve], rec.sinks))
+    rows = []
+    for key, value in rec.evidence.items():
+        if key == "curve":
+            continue
+        if isinstance(value, (dict, list)):
+            shown = f"<code>{_esc(json.dumps(value, default=str))}</code>"
+        else:
+            shown = _esc(_num(value))
+        rows.append([_esc(key.replace("_", " ")), shown])
+    if rows:
+        parts.append(_html_table(["evidence", ""], rows, cls="kv"))
+    return "".join(parts)
+
+
+def _summary_html(profile: SinkProfile) -> str:
+    rec = profile.recommendation
+    n_heads = profile.first_token_mass.size
+    n_sink = len(profile.sink_heads())
+    rec_card = (
+        f'<div class="card rec"><h2>Recommended sink tokens</h2>'
+        f'<div class="big">{rec.sinks} <small>sink token{"s" if rec.sinks != 1 else ""} to keep</small></div>'
+        f'<div class="method note">{_esc(rec.method)}</div>{_evidence_html(profile)}</div>')
+    model_card = ('<div class="card"><h2>Model</h2>'
+                  + _html_table(["", ""], [[_esc(k), _esc(v)] for k, v in _model_rows(profile)], cls="kv")
+                  + "</div>")
+    prompt_rows = [[_esc(p.name), str(p.n_tokens), _pct(_prompt_rate(profile, p))] for p in profile.prompts]
+    prompts_card = (
+        f'<div class="card"><h2>Sinks</h2><div class="stat">{_pct(profile.sink_rate)}</div>'
+        f'<div class="note">sink rate: share of heads that put more than {profile.threshold:g} of their '
+        f"attention on the first token, mean over prompts. On the mean profile, {n_sink} of {n_heads} heads are "
+        f"sink heads.</div>"
+        + _html_table(["prompt", "tokens", "sink rate"], prompt_rows, cls="numeric") + "</div>")
+    return f'<section class="summary">{rec_card}{model_card}{prompts_card}</section>'
+
+
+def _prompt_rate(profile: SinkProfile, p: PromptResult) -> float:
+    return sink_rate(p.first_token_mass, profile.threshold)
+
+
+def _heads_table_html(profile: SinkProfile) -> str:
+    heads, above = _head_rows(profile, N_TOP_HEADS)
+    sm, ent = profile.sink_mass, profile.entropy
+    rows = []
+    for h in heads:
+        r = profile.layer_row(h["layer"])
+        rows.append([str(h["layer"]), str(h["head"]), f"{h['first_token_mass']:.3f}",
+                     f"{sm[r, h['head'], -1]:.3f}", f"{ent[r, h['head']]:.2f}"])
+    note = ("" if above else f'<p class="note">No head is above the threshold ({profile.threshold:g}); these are '
+            f"the strongest heads anyway.</p>")
+    return note + _html_table(["layer", "head", "first-token mass", f"mass on first {profile.k_max}",
+                               "entropy (nats)"], rows, cls="numeric")
+
+
+def _positions_html(profile: SinkProfile) -> str:
+    figs = []
+    for i, _p in enumerate(profile.prompts[:N_POSITION_PROMPTS]):
+        figs.append(f"<div>{_fig_html(plots.sink_positions_chart(profile, prompt=i), f'fig-positions-{i}')}</div>")
+    more = len(profile.prompts) - N_POSITION_PROMPTS
+    tail = (f'<p class="note">{more} more prompt(s): see <code>sink_positions</code> in report.json and the tables '
+            f"in report.md.</p>" if more > 0 else "")
+    return f'<div class="grid">{"".join(figs)}</div>{tail}'
+
+
+def _attention_html(profile: SinkProfile, n: int) -> str:
+    which = next((i for i, p in enumerate(profile.prompts) if p.attention is not None), None)
+    if which is None:
+        return ('<p class="note">No attention maps were kept (analysed with <code>map_size=None</code>); '
+                "re-run with a map size to see them.</p>")
+    p = profile.prompts[which]
+    heads = profile.strongest_heads(n) if n > 0 else []
+    figs = [f"<div>{_fig_html(plots.attention_map(profile, layer, head, prompt=which), f'fig-attn-{layer}-{head}')}"
+            "</div>" for layer, head in heads]
+    bins = len(p.attention.labels)
+    note = (f'<p class="note">The {len(heads)} heads with the most first-token mass, on prompt '
+            f"<b>{_esc(p.name)}</b> ({p.n_tokens} tokens pooled to {bins} x {bins} bins: a cell is the share of "
+            f"attention the queries of a row bin give the keys of a column bin; position 0 keeps its own bin). "
+            f"A bright first column is the sink.</p>")
+    return note + f'<div class="grid">{"".join(figs)}</div>'
+
+
+def _stream_eval_html(profile: SinkProfile) -> str:
+    ev = profile.stream_eval
+    if not ev:
+        return ""
+    results = ev.get("results") if isinstance(ev, dict) else None
+    body = ""
+    if isinstance(results, list) and results and all(isinstance(r, dict) for r in results):
+        keys: list[str] = []
+        for r in results:
+            keys += [k for k in r if k not in keys and not isinstance(r[k], (dict, list))]
+        rows = [[_esc(_num(r.get(k, ""))) for k in keys] for r in results]
+        body = _html_table([_esc(k) for k in keys], rows)
+    else:
+        body = f"<code>{_esc(json.dumps(ev, default=str))}</code>"
+    return f'<section class="card"><h2>Streaming evaluation</h2>{body}</section>'
+
+
+def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
+    """The self-contained ``report.html`` (plotly.js embedded once; opens offline) as a string."""
+    from plotly.offline import get_plotlyjs
+
+    name = _esc(profile.model.name)
+    m = profile.model
+    total_tokens = sum(p.n_tokens for p in profile.prompts)
+    sections = [
+        _summary_html(profile),
+        _card("Attention on the first token",
+              f"Mean attention that queries (from position {profile.k_max} on) give to token 0, per layer and head. "
+              f"Ringed cells are sink heads (more than {profile.threshold:g}).",
+              _fig_html(plots.first_token_heatmap(profile), "fig-first-token")),
+        _card("How many leading tokens hold the sink?",
+              "Attention mass on the first k tokens: thin lines are layers (mean over heads), the bold line is the "
+              "mean over sink heads that the recommendation reads; the dashed line marks the recommended k.",
+              _fig_html(plots.sink_mass_curves(profile), "fig-sink-mass")),
+        _card("Attention maps of the strongest sink heads", "", _attention_html(profile, figures_for_heads)),
+        _card("Which tokens are sinks?",
+              "Positions that draw the most attention from queries at least 8 tokens later, averaged over all "
+              "layers and heads (hover: how many times more than uniform attention would give).",
+              _positions_html(profile)),
+        _card("Attention entropy", "Mean entropy of each head's attention (nats): low is focused, high is spread.",
+              _fig_html(plots.entropy_heatmap(profile), "fig-entropy")),
+        _card("Sink rate per prompt", "", _fig_html(plots.per_prompt_sink_rate(profile), "fig-prompt-rate")),
+        _card("Top sink heads", "", _heads_table_html(profile)),
+        _stream_eval_html(profile),
+        _card("Settings", "", _html_table(["", ""], [[_esc(k), _esc(_num(v))] for k, v in _settings(profile).items()],
+                                          cls="kv")),
+    ]
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<meta name=\"generator\" content=\"sinkscope {_esc(__version__)}\">\n"
+        f"<title>sinkscope report: {name}</title>\n<style>{_CSS}</style>\n"
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n<main class=\"container\">\n"
+        f"<header><h1>Attention sinks in <code>{name}</code></h1>"
+        f"<p class=\"sub\">{_esc(m.architecture)} · {m.n_layers} layers x {m.n_heads} heads · "
+        f"{len(profile.prompts)} prompt(s), {total_tokens} tokens · K = {profile.k_max}</p></header>\n"
+        + "\n".join(s for s in sections if s)
+        + f"\n<footer>sinkscope {_esc(__version__)} · schema <code>{_esc(SCHEMA)}</code> · the numbers are in "
+        "report.json next to this file</footer>\n</main>\n</body>\n</html>\n"
+    )
+
+
+def _card(title: str, note: str, body: str) -> str:
+    note_html = f'<p class="note">{note}</p>' if note else ""
+    return f'<section class="card"><h2>{_esc(title)}</h2>{note_html}{body}</section>'
+
+
+# ------------------------------------------------------------------------------------------------ Markdown
+
+
+def render_markdown(profile: SinkProfile) -> str:
+    """``report.md``: the summary tables in Markdown (token text with ``|`` and newlines escaped)."""
+    m, rec = profile.model, profile.recommendation
+    out = [f"# Attention sinks in {_md(m.name)}", "",
+           f"sinkscope {__version__} · schema `{SCHEMA}` · K = {profile.k_max} · "
+           f"sink head: first-token mass > {profile.threshold:g}", ""]
+
+    out += ["## Recommendation", "",
+            f"**Keep {rec.sinks} sink token{'s' if rec.sinks != 1 else ''}.** Method: {_md(rec.method)}", ""]
+    curve = rec.evidence.get("curve")
+    if isinstance(curve, list) and curve and all(isinstance(v, (int, float)) for v in curve):
+        ks = range(1, len(curve) + 1)
+        out += [_md_table(["k", *[f"**{k}**" if k == rec.sinks else str(k) for k in ks]],
+                          [["mass on first k", *[f"{v:.3f}" for v in curve]]]), ""]
+    for key, value in rec.evidence.items():
+        if key == "curve":
+            continue
+        shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else _num(value)
+        out.append(f"- {_md(key.replace('_', ' '))}: {_md(shown)}")
+    out.append("")
+
+    out += ["## Model", "", _md_table(["", ""], [[_md(k), _md(v)] for k, v in _model_rows(profile)], "ll"), ""]
+
+    out += ["## Prompts", "",
+            _md_table(["prompt", "tokens", "sink rate"],
+                      [[_md(p.name), str(p.n_tokens), _pct(_prompt_rate(profile, p))] for p in profile.prompts]),
+            "", f"Sink rate (mean over prompts): **{_pct(profile.sink_rate)}**. On the mean profile "
+                f"{len(profile.sink_heads())} of {profile.first_token_mass.size} heads are sink heads.", ""]
+
+    heads, above = _head_rows(profile, N_TOP_HEADS)
+    out += ["## Top sink heads", ""]
+    if not above:
+        out += [f"No head is above the threshold ({profile.threshold:g}); the strongest heads:", ""]
+    out += [_md_table(["#", "layer", "head", "first-token mass"],
+                      [[str(i), str(h["layer"]), str(h["head"]), f"{h['first_token_mass']:.3f}"]
+                       for i, h in enumerate(heads, start=1)]), ""]
+
+    ftm = profile.first_token_mass
+    out += ["## First-token mass per layer", "",
+            _md_table(["layer", "mean over heads", "max", "sink heads"],
+                      [[str(layer), f"{ftm[i].mean():.3f}", f"{ftm[i].max():.3f}",
+                        str(int((ftm[i] > profile.threshold).sum()))] for i, layer in enumerate(profile.layers)]),
+            ""]
+
+    out += ["## Top sink positions", "",
+            "Mean attention each position receives from queries at least 8 tokens later (all layers and heads).", ""]
+    for p in profile.prompts:
+        out += [f"### {_md(p.name)} ({p.n_tokens} tokens)", ""]
+        if not p.sink_positions:
+            out += ["No positions ranked.", ""]
+            continue
+        out += [_md_table(["position", "token", "kind", "received", "x uniform"],
+                          [[str(s.position), _md(_token(s.token)), _md(s.kind), f"{s.received:.4f}",
+                            f"{s.vs_uniform:.1f}"] for s in p.sink_positions], "rllrr"), ""]
+
+    out += ["## Settings", "", _md_table(["", ""], [[_md(k), _md(_num(v))] for k, v in _settings(profile).items()],
+                                         "ll"), ""]
+    return "\n".join(out)
+
+
+__all__ = ["check_output_dir", "render_html", "render_markdown", "write_report"]
