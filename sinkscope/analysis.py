@@ -244,13 +244,17 @@ def _round(a: np.ndarray, digits: int = 6) -> list[Any]:
 
 
 def recommend_from_attention(sink_mass: np.ndarray, first_token_mass: np.ndarray, *,
-                             threshold: float = metrics.SINK_THRESHOLD,
-                             share: float = DEFAULT_SHARE) -> Recommendation:
-    """Smallest k whose cumulative mass in the sink heads reaches ``share`` of what the first K tokens get.
+                             threshold: float = metrics.SINK_THRESHOLD, share: float = DEFAULT_SHARE,
+                             chance: float = 0.0) -> Recommendation:
+    """Smallest k whose sink heads keep ``share`` of the above-chance mass that the first K tokens receive.
 
     Sink heads are those whose first-token mass exceeds ``threshold``; if there are none, heads that put more
     than ``threshold`` on the first K tokens together (a spread-out sink); if still none, the evidence says
     the model parks nothing on its first tokens and the recommendation is 0.
+
+    ``chance`` is what one leading token would receive from uniformly attending queries
+    (:func:`sinkscope.metrics.chance_mass`). Only mass above it counts: the small background share that every
+    token gets is no reason to pin a token, and counting it would push the recommendation up for nothing.
     """
     sm = np.asarray(sink_mass, dtype=float)
     ftm = np.asarray(first_token_mass, dtype=float)
@@ -261,15 +265,18 @@ def recommend_from_attention(sink_mass: np.ndarray, first_token_mass: np.ndarray
         chosen = sm[..., -1] > threshold
         basis = "sink_mass[K] > threshold (no head above threshold on the first token alone)"
     evidence: dict[str, Any] = {"threshold": threshold, "share": share, "k_max": k_max, "heads_basis": basis,
-                                "heads_used": int(chosen.sum()), "heads_total": int(chosen.size)}
-    method = f"attention: smallest k reaching {share:.0%} of the first-{k_max} mass in sink heads"
+                                "heads_used": int(chosen.sum()), "heads_total": int(chosen.size),
+                                "chance": float(chance)}
+    method = f"attention: smallest k keeping {share:.0%} of the above-chance first-{k_max} mass in sink heads"
     if not chosen.any():
         evidence["curve"] = _round(sm.reshape(-1, k_max).mean(0))
         return Recommendation(0, method, {**evidence, "note": "no head parks attention on the first tokens"})
-    curve = sm[chosen].mean(0)  # [K]
-    target = share * curve[-1]
-    sinks = int(np.argmax(curve >= target - 1e-12)) + 1
-    evidence.update({"curve": _round(curve), "target": float(target),
+    curve = sm[chosen].mean(0)  # [K] cumulative mass on tokens 0..k-1
+    per_token = np.diff(curve, prepend=0.0)
+    excess = np.cumsum(np.clip(per_token - chance, 0.0, None))
+    target = share * excess[-1]
+    sinks = int(np.argmax(excess >= target - 1e-12)) + 1
+    evidence.update({"curve": _round(curve), "excess_curve": _round(excess), "target": float(target),
                      "mass_at_recommended": float(curve[sinks - 1])})
     return Recommendation(sinks, method, evidence)
 
@@ -321,7 +328,8 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
                                                                                                strict=True)]
     ftm = np.mean([r.first_token_mass for r in results], axis=0)
     sm = np.mean([r.sink_mass for r in results], axis=0)
-    rec = recommend_from_attention(sm, ftm, threshold=threshold, share=share)
+    chance = float(np.mean([metrics.chance_mass(r.n_tokens, k_max) for r in results]))
+    rec = recommend_from_attention(sm, ftm, threshold=threshold, share=share, chance=chance)
     settings = {"dtype": spec.dtype, "device": spec.device, "max_tokens": max_tokens, "map_size": map_size,
                 "capture": "eager attention, forward hooks, per-layer reduction",
                 "local_window": metrics.LOCAL_WINDOW}

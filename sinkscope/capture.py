@@ -54,6 +54,12 @@ def _n_layers(model: nn.Module) -> int:
     return int(n)
 
 
+def _n_heads(model: nn.Module) -> int:
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0))
+
+
 def _attention_child(layer: nn.Module) -> nn.Module | None:
     for name in _ATTN_NAMES:
         child = getattr(layer, name, None)
@@ -102,8 +108,10 @@ def capture(model: nn.Module, *, layers: Sequence[int] | None = None, heads: Seq
     n = len(modules)
     selected = sorted({_check_index(i, n, "layer") for i in layers}) if layers is not None else list(range(n))
     head_idx = list(heads) if heads is not None else None
-    if head_idx is not None and (not head_idx or min(head_idx) < 0):
-        raise CaptureError("heads must be a non-empty list of non-negative head indices")
+    if head_idx is not None:
+        n_heads = _n_heads(model)
+        if not head_idx or min(head_idx) < 0 or max(head_idx) >= n_heads:
+            raise CaptureError(f"heads must be a non-empty list of head indices in [0, {n_heads})")
     cap = Capture(layers=selected, heads=head_idx, pool=pool)
     seen_missing: list[int] = []
 
@@ -120,9 +128,6 @@ def capture(model: nn.Module, *, layers: Sequence[int] | None = None, heads: Seq
             if keep_maps:
                 kept = probs
                 if head_idx is not None:
-                    if max(head_idx) >= probs.shape[1]:
-                        raise CaptureError(f"head {max(head_idx)} out of range: layer {idx} has "
-                                           f"{probs.shape[1]} heads")
                     kept = kept[:, head_idx]
                 if pool is not None:
                     kept, cap.bins = pool_map(kept, pool)
@@ -193,12 +198,11 @@ def pool_map(probs: torch.Tensor, size: int) -> tuple[torch.Tensor, list[tuple[i
     if t_q <= size:
         return probs, [(i, i + 1) for i in range(t_q)]
     bins = [(0, 1), *[(a + 1, b + 1) for a, b in bin_edges(t_q - 1, size - 1)]]
-    starts = torch.tensor([a for a, _ in bins])
-    ends = torch.tensor([b for _, b in bins])
-    counts = (ends - starts).to(probs.dtype)
-    # Sums over contiguous bins via prefix sums: one pass, no Python loop over bins.
-    ck = torch.nn.functional.pad(probs.cumsum(-1), (1, 0))
-    keys = ck[..., ends] - ck[..., starts]
-    cq = torch.nn.functional.pad(keys.cumsum(-2), (0, 0, 1, 0))
-    pooled = (cq[..., ends, :] - cq[..., starts, :]) / counts[:, None]
+    # Bin-membership matrices: summing keys and averaging queries are two matrix products, which BLAS does
+    # fast and without a T x T temporary.
+    member = torch.zeros(len(bins), t_q, dtype=probs.dtype, device=probs.device)
+    for i, (a, b) in enumerate(bins):
+        member[i, a:b] = 1.0
+    keys = probs @ member.T  # [..., q, bins]
+    pooled = (member / member.sum(-1, keepdim=True)) @ keys  # [..., bins, bins]
     return pooled, bins

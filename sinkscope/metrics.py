@@ -44,8 +44,9 @@ def entropy(probs: torch.Tensor, k_max: int) -> np.ndarray:
     t = _check(probs, k_max)
     total = torch.zeros(probs.shape[0], dtype=torch.float64, device=probs.device)
     for start in range(k_max, t, _ENTROPY_CHUNK):
-        rows = probs[:, start:start + _ENTROPY_CHUNK, :]
-        total += torch.special.entr(rows).sum(-1, dtype=torch.float64).sum(-1)
+        stop = min(start + _ENTROPY_CHUNK, t)
+        rows = probs[:, start:stop, :stop]  # causal: keys after the chunk's last query are all zero
+        total += torch.special.entr(rows).sum(-1).sum(-1).double()
     return (total / (t - k_max)).cpu().numpy()
 
 
@@ -76,10 +77,11 @@ def received_mass(probs: torch.Tensor, k_max: int, local: int = LOCAL_WINDOW) ->
     """
     t = _check(probs, k_max)
     h = probs.shape[0]
-    col = probs[:, k_max:, :].sum(dim=(0, 1), dtype=torch.float64)
+    # Sum in the input dtype (a float64 sum would first copy the whole T x T map), accumulate in float64.
+    col = probs[:, k_max:, :].sum(dim=1).double().sum(dim=0)
     # Take back the near-diagonal band q in [j, j + local) that is also in q >= K: O(T * local), no T x T copy.
     for d in range(min(local, t)):
-        diag = torch.diagonal(probs, offset=-d, dim1=-2, dim2=-1).sum(0, dtype=torch.float64)  # A[j + d, j]
+        diag = torch.diagonal(probs, offset=-d, dim1=-2, dim2=-1).double().sum(0)  # A[j + d, j]
         js = torch.arange(t - d, device=probs.device)
         col[: t - d] -= torch.where(js + d >= k_max, diag, torch.zeros_like(diag))
     js = np.arange(t)
@@ -103,6 +105,16 @@ def uniform_share(t: int, k_max: int, local: int = LOCAL_WINDOW) -> np.ndarray:
     sums = np.where(count > 0, tail[np.minimum(start, t)], 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(count > 0, sums / np.maximum(count, 1), 0.0)
+
+
+def chance_mass(t: int, k_max: int) -> float:
+    """Mass one leading token gets from the queries q >= K when every query attends uniformly.
+
+    A query at q gives 1 / (q + 1) to each visible key, so this is the mean of 1 / (q + 1) over q in [K, T).
+    """
+    if not 1 <= k_max < t:
+        raise ValueError(f"k_max must be in [1, T) = [1, {t}), got {k_max}")
+    return float(np.mean(1.0 / np.arange(k_max + 1, t + 1)))
 
 
 def token_kind(text: str, *, is_bos: bool = False) -> str:

@@ -225,6 +225,10 @@ def load(source: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "floa
 
     target = directory if directory is not None else hub_id
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, dtype), **kwargs)

@@ -146,10 +146,18 @@ def sink_mass_curves(profile: SinkProfile) -> go.Figure:
             marker=dict(size=7), name=f"mean over {name}",
             hovertemplate=f"mean over {label_text(name)}<br>k = %{{x}}<br>mass on first k %{{y:.3f}}"
                           f"<br><i>{label_text(str(basis))}</i><extra></extra>"))
+    excess = rec.evidence.get("excess_curve")
+    if excess is not None:
+        fig.add_trace(go.Scatter(
+            x=ks[: len(excess)], y=list(excess), mode="lines+markers", line=dict(width=2, dash="dash",
+                                                                                color=SINK_COLOR),
+            marker=dict(size=5), name="above chance (what the recommendation reads)",
+            hovertemplate="above-chance mass on first k<br>k = %{x}<br>%{y:.3f}<extra></extra>"))
     target = rec.evidence.get("target")
     if isinstance(target, (int, float)) and math.isfinite(target):
         share = rec.evidence.get("share")
-        text = f"target {share:.0%} of first-{k_max} mass" if isinstance(share, (int, float)) else "target"
+        what = "above-chance " if excess is not None else ""
+        text = f"target {share:.0%} of {what}first-{k_max} mass" if isinstance(share, (int, float)) else "target"
         fig.add_hline(y=float(target), line=dict(dash="dot", color=SINK_COLOR, width=1),
                       annotation=dict(text=text, font=dict(color=SINK_COLOR, size=11)),
                       annotation_position="bottom right")

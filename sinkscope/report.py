@@ -242,8 +242,9 @@ def _fig_html(fig: go.Figure, div_id: str) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, config=_PLOTLY_CONFIG, div_id=div_id)
 
 
-def _curve_table(curve: list[float], sinks: int) -> str:
-    total = curve[-1] if curve and curve[-1] else None
+def _curve_table(curve: list[float], sinks: int, excess: list[float] | None = None) -> str:
+    basis = excess if excess else curve
+    total = basis[-1] if basis and basis[-1] else None
 
     def cell(tag: str, k: int, text: str) -> str:
         return f'<{tag} class="hlc">{text}</{tag}>' if k == sinks else f"<{tag}>{text}</{tag}>"
@@ -252,9 +253,12 @@ def _curve_table(curve: list[float], sinks: int) -> str:
     head = "<th>k</th>" + "".join(cell("th", k, str(k)) for k in ks)
     rows = ["<tr><td>mass</td>" + "".join(cell("td", k, f"{v:.3f}") for k, v in zip(ks, curve, strict=True))
             + "</tr>"]
+    if excess:
+        rows.append("<tr><td>above chance</td>"
+                    + "".join(cell("td", k, f"{v:.3f}") for k, v in zip(ks, excess, strict=True)) + "</tr>")
     if total:
         rows.append("<tr><td>share</td>"
-                    + "".join(cell("td", k, f"{v / total:.0%}") for k, v in zip(ks, curve, strict=True)) + "</tr>")
+                    + "".join(cell("td", k, f"{v / total:.0%}") for k, v in zip(ks, basis, strict=True)) + "</tr>")
     return (f'<div class="scroll"><table class="curve"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
 
@@ -265,10 +269,12 @@ def _evidence_html(profile: SinkProfile) -> str:
     curve = rec.evidence.get("curve")
     if isinstance(curve, list) and curve and all(isinstance(v, (int, float)) for v in curve):
         parts.append('<div class="note">Mean attention mass on the first k tokens, over the heads used:</div>')
-        parts.append(_curve_table([float(v) for v in curve], rec.sinks))
+        excess = rec.evidence.get("excess_curve")
+        excess = [float(v) for v in excess] if isinstance(excess, list) and len(excess) == len(curve) else None
+        parts.append(_curve_table([float(v) for v in curve], rec.sinks, excess))
     rows = []
     for key, value in rec.evidence.items():
-        if key == "curve":
+        if key in ("curve", "excess_curve"):
             continue
         if isinstance(value, (dict, list)):
             shown = f"<code>{_esc(json.dumps(value, default=str))}</code>"
@@ -429,9 +435,11 @@ def render_markdown(profile: SinkProfile) -> str:
     if isinstance(curve, list) and curve and all(isinstance(v, (int, float)) for v in curve):
         ks = range(1, len(curve) + 1)
         out += [_md_table(["k", *[f"**{k}**" if k == rec.sinks else str(k) for k in ks]],
-                          [["mass on first k", *[f"{v:.3f}" for v in curve]]]), ""]
+                          [["mass on first k", *[f"{v:.3f}" for v in curve]],
+                           *([["above chance", *[f"{v:.3f}" for v in rec.evidence["excess_curve"]]]]
+                             if isinstance(rec.evidence.get("excess_curve"), list) else [])]), ""]
     for key, value in rec.evidence.items():
-        if key == "curve":
+        if key in ("curve", "excess_curve"):
             continue
         shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else _num(value)
         out.append(f"- {_md(key.replace('_', ' '))}: {_md(shown)}")

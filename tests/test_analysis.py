@@ -529,3 +529,26 @@ def test_memory_guard(tiny_llama, monkeypatch):
     assert analysis.capture_bytes(tiny_llama.spec, fits + 1) > 0.9 * free
     monkeypatch.setattr(analysis, "_available_bytes", lambda device: None)  # unknown: no guessing
     assert analyze(tiny_llama, TEXT_60, map_size=None, progress=False).prompts[0].n_tokens == t
+
+
+def test_recommend_ignores_background_mass():
+    """One clear sink plus the background every token gets: only the sink is worth pinning."""
+    per_token = np.array([0.73] + [0.008] * 7)
+    sm = np.broadcast_to(np.cumsum(per_token), (2, 3, 8)).copy()
+    ftm = sm[..., 0]
+    assert recommend_from_attention(sm, ftm).sinks == 4  # raw mass: 0.746 at k = 3 < 95% of 0.786
+    rec = recommend_from_attention(sm, ftm, chance=0.008)
+    assert rec.sinks == 1
+    assert rec.evidence["chance"] == 0.008
+    np.testing.assert_allclose(rec.evidence["excess_curve"], [0.722] * 8, atol=1e-9)
+    np.testing.assert_allclose(rec.evidence["target"], 0.95 * 0.722)
+    # A second real sink on token 2 stays visible above the background.
+    per_token[2] = 0.2
+    sm = np.broadcast_to(np.cumsum(per_token), (2, 3, 8)).copy()
+    assert recommend_from_attention(sm, sm[..., 0], chance=0.008).sinks == 3
+
+
+def test_analyze_passes_chance_of_its_prompts(tiny_llama):
+    prof = analyze(tiny_llama, [TEXT_60, TEXT_24 * 2], k_max=4, map_size=None, progress=False)
+    expected = np.mean([np.mean([1 / (q + 1) for q in range(4, p.n_tokens)]) for p in prof.prompts])
+    assert prof.recommendation.evidence["chance"] == pytest.approx(expected, rel=1e-12)

@@ -131,8 +131,21 @@ def test_hooks_removed_and_sdpa_restored_after_exception(arch, tok_bos):
 def test_hooks_removed_after_error_raised_inside_a_hook(tok_bos):
     model = build_llama()
     ids = tok_bos(TEXT_24, return_tensors="pt").input_ids
-    with pytest.raises(CaptureError, match="head 9 out of range"), capture(model, heads=[0, 9]), torch.no_grad():
+
+    def failing(layer, _probs):
+        if layer == 1:
+            raise RuntimeError("reduction failed in layer 1")
+
+    with pytest.raises(RuntimeError, match="layer 1"), capture(model, on_layer=failing), torch.no_grad():
         model(input_ids=ids)
+    assert all(h == {} for h in _hooks(model))
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_head_out_of_range_is_refused_before_any_hook(tok_bos):
+    model = build_llama()
+    with pytest.raises(CaptureError, match=r"\[0, 4\)"), capture(model, heads=[0, 9], keep_maps=False):
+        pass
     assert all(h == {} for h in _hooks(model))
     assert model.config._attn_implementation == "sdpa"
 
