@@ -84,6 +84,12 @@ def _layer_head_heatmap(profile: SinkProfile, z: np.ndarray, *, title: str, colo
                      showgrid=False)
     fig.update_yaxes(title_text="layer (first layer at top)", type="category", autorange="reversed",
                      showgrid=False)
+    types = profile.model.layer_types
+    if types and len(set(types)) > 1:  # hybrid models (Gemma-3): say which layers see the whole context
+        fig.update_yaxes(tickmode="array", tickvals=list(profile.layers),
+                         ticktext=[f"{layer} global" if types[layer] == "full_attention" else str(layer)
+                                   for layer in profile.layers],
+                         title_text="layer (first at top; global = full attention, others sliding)")
     return fig
 
 

@@ -380,3 +380,14 @@ def test_output_dir_write_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(report.os, "open", refuse)
     with pytest.raises(OutputError, match=r"can't write to output directory .*Permission denied; choose"):
         report.check_output_dir(tmp_path)
+
+
+def test_heatmap_marks_global_layers_of_hybrid_models(profile: SinkProfile) -> None:
+    from dataclasses import replace
+
+    types = ("sliding_attention", "full_attention", "sliding_attention", "full_attention")
+    hybrid = replace(profile, model=replace(profile.model, layer_types=types, sliding_window=4))
+    fig = plots.first_token_heatmap(hybrid)
+    assert list(fig.layout.yaxis.ticktext) == ["0", "1 global", "3 global"]  # LAYERS = [0, 1, 3]
+    assert list(fig.layout.yaxis.tickvals) == [0, 1, 3]
+    assert plots.first_token_heatmap(profile).layout.yaxis.ticktext is None  # uniform layers: plain numbers
