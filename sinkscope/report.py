@@ -384,7 +384,8 @@ def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
               _fig_html(plots.first_token_heatmap(profile), "fig-first-token")),
         _card("How many leading tokens hold the sink?",
               "Attention mass on the first k tokens: thin lines are layers (mean over heads), the bold line is the "
-              "mean over sink heads that the recommendation reads; the dashed line marks the recommended k.",
+              "mean over sink heads, the dashed red line its part above chance (what the recommendation reads); "
+              "the vertical line marks the recommended k.",
               _fig_html(plots.sink_mass_curves(profile), "fig-sink-mass")),
         _card("Attention maps of the strongest sink heads", "", _attention_html(profile, figures_for_heads)),
         _card("Which tokens are sinks?",
