@@ -15,6 +15,7 @@ from .errors import SinkscopeError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
 from .prompts import Prompt
+from .streaming import SinkCache, Streamer
 
 __version__ = "0.1.0"
 
@@ -25,9 +26,11 @@ __all__ = [
     "Prompt",
     "PromptResult",
     "Recommendation",
+    "SinkCache",
     "SinkPosition",
     "SinkProfile",
     "SinkscopeError",
+    "Streamer",
     "analyze",
     "capture",
     "load_model",

@@ -7,9 +7,13 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .errors import ConfigError, SinkscopeError
+
+if TYPE_CHECKING:
+    from .streaming.streamer import TokenStats
 
 EPILOG = "Docs: docs/cli.md. Models: `sinkscope models`. Cache: $SINKSCOPE_CACHE (default ~/.cache/sinkscope)."
 
@@ -87,6 +91,33 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_options(p_rep)
     p_rep.set_defaults(func=cmd_report)
+
+    p_st = sub.add_parser(
+        "stream", help="stream a model through a sink + window KV cache, live, with a status line",
+        description="Feed a prompt, then generate token by token through a StreamingLLM cache that keeps the "
+                    "first S tokens and the last W. The text goes to stdout as it comes; a status line (cache "
+                    "length and memory, tokens/s, sinks on/off, drift) goes to stderr.", epilog=EPILOG)
+    p_st.add_argument("model", nargs="?", default="smollm2-135m", help="model source (default: smollm2-135m)")
+    src = p_st.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="the prompt text")
+    src.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file")
+    p_st.add_argument("--sinks", type=int, default=4, metavar="S", help="sink tokens kept (default: 4)")
+    p_st.add_argument("--window", type=int, default=256, metavar="W", help="recent tokens kept (default: 256)")
+    p_st.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                      help="tokens to generate (default: 256)")
+    p_st.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    p_st.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (default: all)")
+    p_st.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p_st.add_argument("--sinks-off-at", type=int, default=None, metavar="STEP",
+                      help="evict the sinks from this stream step on (watch quality drop)")
+    p_st.add_argument("--sinks-on-at", type=int, default=None, metavar="STEP",
+                      help="pin sinks again from this step on (re-pins the oldest stored tokens)")
+    p_st.add_argument("--status-every", type=_positive_int, default=32, metavar="N",
+                      help="print the status line every N tokens (default: 32)")
+    p_st.add_argument("--jsonl", metavar="FILE", help="also write every token's statistics as JSON lines")
+    p_st.add_argument("--no-eos", action="store_true", help="keep generating past the end-of-text token")
+    _add_model_options(p_st)
+    p_st.set_defaults(func=cmd_stream)
     return parser
 
 
@@ -139,6 +170,67 @@ def cmd_report(args: argparse.Namespace) -> int:
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0
+
+
+def cmd_stream(args: argparse.Namespace) -> int:
+    """Stream MODEL through a SinkCache: text on stdout, status lines on stderr."""
+    import json
+
+    from .models import load
+    from .prompts import read_prompt_file
+    from .streaming.streamer import Streamer
+
+    if args.sinks < 0 or args.window < 1:
+        raise ConfigError(f"need --sinks >= 0 and --window >= 1, got {args.sinks} and {args.window}")
+    if args.max_new_tokens < 0:
+        raise ConfigError("--max-new-tokens must be >= 0")
+    prompt = read_prompt_file(args.prompt_file).text if args.prompt_file else args.prompt
+    if not prompt or not prompt.strip():
+        raise ConfigError("the prompt is empty")
+    jsonl = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None  # noqa: SIM115 - closed below
+    try:
+        lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        streamer = Streamer(lm, sinks=args.sinks, window=args.window)
+        special = set(lm.tokenizer.all_special_ids)
+        t0, n, last = _now(), 0, None
+        for tok in streamer.stream(prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                   seed=args.seed, stop_at_eos=not args.no_eos):
+            n += 1
+            if args.sinks_off_at is not None and tok.step + 1 == args.sinks_off_at:
+                streamer.set_sinks(False)
+            if args.sinks_on_at is not None and tok.step + 1 == args.sinks_on_at:
+                streamer.set_sinks(True)
+            if tok.token_id not in special:  # <bos>, <eos> ... are bookkeeping, not text
+                sys.stdout.write(tok.text)
+                sys.stdout.flush()
+            if jsonl:
+                jsonl.write(json.dumps(tok.to_dict()) + "\n")
+            switched = last is not None and tok.sinks_enabled != last.sinks_enabled
+            if n % args.status_every == 0 or switched or (tok.drift and not (last and last.drift)):
+                _status(tok, n / max(_now() - t0, 1e-9))
+            last = tok
+        sys.stdout.write("\n")
+        if last is not None:
+            _status(last, n / max(_now() - t0, 1e-9))
+    finally:
+        if jsonl:
+            jsonl.close()
+    return 0
+
+
+def _status(tok: TokenStats, rate: float) -> None:
+    from .streaming.memory import format_bytes
+
+    drift = "; ".join(tok.drift) if tok.drift else "none"
+    print(f"\n[step {tok.step + 1} · cache {tok.cache_length} tok, {format_bytes(tok.cache_bytes)} · "
+          f"{rate:.1f} tok/s · "
+          f"sinks {'on' if tok.sinks_enabled else 'OFF'} · drift: {drift}]", file=sys.stderr, flush=True)
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()
 
 
 def _safe_name(source: str) -> str:
