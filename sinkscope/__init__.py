@@ -16,6 +16,7 @@ from .models import LoadedModel, ModelSpec
 from .models import load as load_model
 from .prompts import Prompt
 from .streaming import SinkCache, Streamer
+from .streaming.evaluate import StreamEval, evaluate_stream
 
 __version__ = "0.1.0"
 
@@ -30,8 +31,10 @@ __all__ = [
     "SinkPosition",
     "SinkProfile",
     "SinkscopeError",
+    "StreamEval",
     "Streamer",
     "analyze",
     "capture",
+    "evaluate_stream",
     "load_model",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ DEFAULT_K = 8
 DEFAULT_SHARE = 0.95
 DEFAULT_MAP_SIZE = 96
 N_SINK_POSITIONS = 8
+DEFAULT_TOLERANCE = 0.05  # validated recommendation: within 5% of the best streaming perplexity
 
 
 @dataclass
@@ -188,6 +190,38 @@ class SinkProfile:
                 rows.append(row)
         return pd.DataFrame(rows)
 
+    # -- validation by streaming (the recommendation's second version) ----------------------------------
+    def attach_stream_eval(self, stream_eval: Any, tolerance: float = DEFAULT_TOLERANCE) -> SinkProfile:
+        """Store a stream evaluation and replace the recommendation by the validated one (returns ``self``).
+
+        ``stream_eval`` (a ``StreamEval`` or its dict) goes to :attr:`stream_eval` as a dict; the attention
+        estimate stays in ``recommendation.evidence["attention_estimate"]``.
+        """
+        ev = stream_eval.to_dict() if hasattr(stream_eval, "to_dict") else stream_eval
+        rec = recommend_from_stream_eval(ev, tolerance, attention=self.recommendation)
+        self.stream_eval = ev
+        self.recommendation = rec
+        return self
+
+    def validate(self, model: LoadedModel | str | Any, text: Any = None, *, tolerance: float = DEFAULT_TOLERANCE,
+                 sinks: Sequence[int] | None = None, tokenizer: Any = None, progress: bool = True,
+                 **eval_kwargs: Any) -> SinkProfile:
+        """Check the recommendation by streaming: perplexity under eviction per sink count (returns ``self``).
+
+        Runs :func:`sinkscope.streaming.evaluate.evaluate_stream` (default modes: streaming and dense; the
+        slow recompute adds nothing to the choice) on ``text`` (default: Python's documentation topics) with
+        ``sinks`` (default: 0, 1, 2, 4, 8 and the attention estimate), then :meth:`attach_stream_eval`.
+        Other keywords (``window``, ``tokens``, ``modes``, ``chunk``, ...) go to ``evaluate_stream``.
+        """
+        from .streaming.evaluate import DEFAULT_SINKS, evaluate_stream
+
+        lm = _as_loaded(model, tokenizer)
+        if sinks is None:
+            sinks = sorted(set(DEFAULT_SINKS) | {attention_estimate(self.recommendation).sinks})
+        eval_kwargs.setdefault("modes", ("streaming", "dense"))
+        ev = evaluate_stream(lm, text, sinks=sinks, progress=progress, **eval_kwargs)
+        return self.attach_stream_eval(ev, tolerance)
+
     # -- figures (built in sinkscope.plots, the one place figures come from) -----------------------------
     def plot_heatmap(self) -> Any:
         """Heatmap of first-token mass by layer x head."""
@@ -278,6 +312,70 @@ def recommend_from_attention(sink_mass: np.ndarray, first_token_mass: np.ndarray
     sinks = int(np.argmax(excess >= target - 1e-12)) + 1
     evidence.update({"curve": _round(curve), "excess_curve": _round(excess), "target": float(target),
                      "mass_at_recommended": float(curve[sinks - 1])})
+    return Recommendation(sinks, method, evidence)
+
+
+def attention_estimate(rec: Recommendation) -> Recommendation:
+    """The attention-statistics recommendation in ``rec``: ``rec`` itself, or the first version that a validated
+    recommendation keeps in ``evidence["attention_estimate"]``."""
+    est = rec.evidence.get("attention_estimate")
+    if isinstance(est, dict) and isinstance(est.get("sinks"), int):
+        return Recommendation(est["sinks"], str(est.get("method", "")), dict(est.get("evidence") or {}))
+    return rec
+
+
+def recommend_from_stream_eval(stream_eval: Any, tolerance: float = DEFAULT_TOLERANCE, *,
+                               attention: Recommendation | None = None) -> Recommendation:
+    """Smallest sink count whose streaming perplexity is within ``tolerance`` of the best (the second version).
+
+    ``stream_eval`` is a :class:`~sinkscope.streaming.evaluate.StreamEval` or its ``to_dict()``. A sink count
+    qualifies when its streaming perplexity is at most ``(1 + tolerance) x`` the lowest streaming perplexity;
+    ties therefore go to the smallest count. Only the evaluated counts are candidates. ``attention`` (the first
+    version, from attention statistics) is kept in ``evidence["attention_estimate"]``, with its perplexity
+    when its count was evaluated.
+
+    Raises:
+        ConfigError: a negative tolerance, or no streaming result with a finite perplexity.
+    """
+    if not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) or tolerance < 0:
+        raise ConfigError(f"tolerance must be a number >= 0 (0.05 = within 5% of the best), got {tolerance!r}")
+    ev = stream_eval.to_dict(include_nll=False) if hasattr(stream_eval, "to_dict") else stream_eval
+    results = ev.get("results") if isinstance(ev, dict) else None
+    if not isinstance(results, list):
+        raise ConfigError("not a stream evaluation: it has no results")
+    ppl: dict[int, float] = {}
+    for r in results:
+        if isinstance(r, dict) and r.get("mode") == "streaming" and isinstance(r.get("sinks"), int):
+            v = r.get("ppl")
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                ppl[r["sinks"]] = float(v)
+    if not ppl:
+        raise ConfigError("the stream evaluation has no streaming result with a finite perplexity to recommend from")
+    best_sinks = min(ppl, key=lambda s: (ppl[s], s))
+    best = ppl[best_sinks]
+    limit = (1 + tolerance) * best
+    sinks = min(s for s, v in ppl.items() if v <= limit)
+
+    def other(mode: str) -> float | None:
+        return next((r.get("ppl") for r in results if isinstance(r, dict) and r.get("mode") == mode), None)
+
+    text = ev.get("text") or {}
+    targets = ev.get("targets") or {}
+    evidence: dict[str, Any] = {
+        "tolerance": float(tolerance), "best_sinks": best_sinks, "best_ppl": best, "limit_ppl": limit,
+        "ppl_by_sinks": [{"sinks": s, "ppl": ppl[s], "within_tolerance": ppl[s] <= limit} for s in sorted(ppl)],
+        "dense_ppl": other("dense"), "recompute_ppl": other("recompute"), "window": ev.get("window"),
+        "text": text.get("name"), "tokens": ev.get("tokens"), "n_targets": targets.get("count"),
+        "exact": (ev.get("settings") or {}).get("exact"),
+    }
+    if attention is not None:
+        first = attention_estimate(attention)
+        evidence["attention_estimate"] = first.to_dict()
+        evidence["attention_estimate_ppl"] = ppl.get(first.sinks)
+        evidence["agrees_with_attention_estimate"] = first.sinks == sinks
+    window = ev.get("window")
+    method = (f"stream eval: smallest sink count whose streaming perplexity is within {tolerance:.0%} of the best "
+              f"(window {window}, {targets.get('count', '?')} scored tokens of {text.get('name', 'a text')})")
     return Recommendation(sinks, method, evidence)
 
 

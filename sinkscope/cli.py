@@ -15,6 +15,8 @@ from .errors import ConfigError, SinkscopeError
 if TYPE_CHECKING:
     from .streaming.streamer import TokenStats
 
+EVAL_TOKENS = 2000  # eval-stream: ~14 min for SmolLM2 on 2 CPU cores (timings in docs/cli.md)
+VALIDATE_TOKENS = 1000  # report --validate: streaming + dense only, ~5 min for SmolLM2 on 2 CPU cores
 EPILOG = "Docs: docs/cli.md. Models: `sinkscope models`. Cache: $SINKSCOPE_CACHE (default ~/.cache/sinkscope)."
 
 
@@ -43,6 +45,45 @@ def _layers(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers like 0,5,-1, got {text!r}") from None
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers like 0,1,2,4,8, "
+                                         f"got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _modes(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]  # checked by the library (one-line error)
+
+
+def _stride(text: str) -> int | str:
+    return "auto" if text == "auto" else _positive_int(text)
+
+
+def _tolerance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number like 0.05 (5%), got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def _check_stream_sizes(sinks: Sequence[int], window: int, tokens: int | None) -> None:
+    """The checks that need no model (the library repeats them with the model's context)."""
+    if min(sinks) < 0:
+        raise ConfigError(f"--sinks must be >= 0, got {min(sinks)}")
+    if window < 1:
+        raise ConfigError(f"--window must be at least 1, got {window}")
+    if tokens is not None and tokens < 1:
+        raise ConfigError(f"--tokens must be at least 1, got {tokens}")
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -88,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recommendation target: share of the first-K mass to keep (default: 0.95)")
     p_rep.add_argument("--threshold", type=_share, default=0.3,
                        help="first-token mass above which a head is a sink head (default: 0.3)")
+    val = p_rep.add_argument_group(
+        "validation by streaming (--validate)",
+        "Check the recommendation with perplexity under eviction (see `sinkscope eval-stream`): recommend the "
+        "smallest sink count whose streaming perplexity is within --tolerance of the best; the attention "
+        "estimate stays beside it.")
+    val.add_argument("--validate", action="store_true",
+                     help="run the streaming evaluation and recommend from it (slower: minutes on a CPU)")
+    val.add_argument("--validate-tokens", type=int, default=None, metavar="N",
+                     help=f"tokens of the validation text to stream (default: {VALIDATE_TOKENS})")
+    val.add_argument("--validate-text", default=None, metavar="F",
+                     help="UTF-8 text to stream (default: Python's documentation topics, pydoc_data.topics)")
+    val.add_argument("--window", type=int, default=None, metavar="W", help="recent tokens kept (default: 256)")
+    val.add_argument("--sinks", type=_int_list, default=None, metavar="S,S,...",
+                     help="sink counts to stream with (default: 0,1,2,4,8 and the attention estimate)")
+    val.add_argument("--tolerance", type=_tolerance, default=None,
+                     help="recommend the smallest count within this fraction of the best perplexity (default: 0.05)")
     p_rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_options(p_rep)
     p_rep.set_defaults(func=cmd_report)
@@ -118,6 +175,38 @@ def build_parser() -> argparse.ArgumentParser:
     p_st.add_argument("--no-eos", action="store_true", help="keep generating past the end-of-text token")
     _add_model_options(p_st)
     p_st.set_defaults(func=cmd_stream)
+
+    p_ev = sub.add_parser(
+        "eval-stream", help="perplexity of a long text under each sink count, beside dense and recompute",
+        description="Stream a long text token by token through a sink + window cache for each sink count, and "
+                    "score the same target tokens with dense attention (full cache) and with a sliding window "
+                    "re-computed for every token (Xiao et al. 2023, Table 1). Writes DIR/stream_eval.json and "
+                    "DIR/stream_eval.html (self-contained) and recommends the smallest sink count within "
+                    "--tolerance of the best perplexity.", epilog=EPILOG)
+    p_ev.add_argument("model", nargs="?", default="smollm2-135m", help="model source (default: smollm2-135m)")
+    p_ev.add_argument("--text-file", metavar="F",
+                      help="UTF-8 text to stream (default: Python's documentation topics, pydoc_data.topics)")
+    p_ev.add_argument("--sinks", type=_int_list, default=[0, 1, 2, 4, 8], metavar="S,S,...",
+                      help="sink counts to stream with (default: 0,1,2,4,8)")
+    p_ev.add_argument("--window", type=int, default=256, metavar="W",
+                      help="recent tokens each query attends to; also recompute's window (default: 256)")
+    p_ev.add_argument("--tokens", type=int, default=EVAL_TOKENS, metavar="N",
+                      help=f"stream the text's first N tokens (default: {EVAL_TOKENS})")
+    p_ev.add_argument("--modes", type=_modes, default=["streaming", "dense", "recompute"], metavar="M,M",
+                      help="any of streaming, dense, recompute (default: all three)")
+    p_ev.add_argument("--chunk", type=_positive_int, default=1, metavar="C",
+                      help="streaming tokens per forward: 1 is exact; more is faster and approximate, labelled "
+                           "so in the JSON (default: 1)")
+    p_ev.add_argument("--recompute-stride", type=_stride, default="auto", metavar="K",
+                      help="recompute every K-th target only (every mode also reports its perplexity on those "
+                           "targets); 'auto' bounds recompute to a couple of hundred targets (default: auto)")
+    p_ev.add_argument("--tolerance", type=_tolerance, default=0.05,
+                      help="recommend the smallest sink count within this fraction of the best (default: 0.05)")
+    p_ev.add_argument("--out", default=None, metavar="DIR",
+                      help="output directory (default: sinkscope-reports/MODEL)")
+    p_ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_options(p_ev)
+    p_ev.set_defaults(func=cmd_eval_stream)
     return parser
 
 
@@ -147,7 +236,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.max_tokens is not None and args.max_tokens < args.k_max + 1:
         raise ConfigError(f"--max-tokens must be at least K + 1 = {args.k_max + 1}, got {args.max_tokens}")
+    validation = {"--validate-tokens": args.validate_tokens, "--validate-text": args.validate_text,
+                  "--window": args.window, "--sinks": args.sinks, "--tolerance": args.tolerance}
+    given = [k for k, v in validation.items() if v is not None]
+    if given and not args.validate:
+        raise ConfigError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --validate")
+    window = args.window if args.window is not None else 256
+    tokens = args.validate_tokens if args.validate_tokens is not None else VALIDATE_TOKENS
+    if args.validate:
+        _check_stream_sizes(args.sinks or [0], window, tokens)
     prompts = [read_prompt_file(f) for f in args.prompt_file] if args.prompt_file else sample_prompts()
+    text = read_prompt_file(args.validate_text) if args.validate_text else None
     out = Path(args.out) if args.out else Path("sinkscope-reports") / _safe_name(args.model)
     out = check_output_dir(out)  # before the slow part: a bad --out must not cost a model load
 
@@ -157,15 +256,30 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
               progress=not args.quiet)
+    modes = ("streaming", "dense")
+    if args.validate:  # refuse bad sizes, short texts and unsupported architectures before the analysis
+        from .streaming.evaluate import DEFAULT_SINKS, prepare_stream_eval
+
+        prepare_stream_eval(lm, text, sinks=args.sinks or (*DEFAULT_SINKS, args.k_max), window=window,
+                            tokens=tokens, modes=modes)
     profile = analyze(lm, prompts, k_max=args.k_max, max_tokens=args.max_tokens, layers=args.layers,
                       map_size=args.map_size, share=args.share, threshold=args.threshold,
                       progress=not args.quiet)
+    if args.validate:
+        profile.validate(lm, text, sinks=args.sinks, window=window, tokens=tokens, modes=modes,
+                         tolerance=args.tolerance if args.tolerance is not None else 0.05, progress=not args.quiet)
     paths = write_report(profile, out)
     rec = profile.recommendation
     print(f"{lm.spec.name}: {len(profile.prompts)} prompts, "
           f"{sum(p.n_tokens for p in profile.prompts)} tokens; sink rate {profile.sink_rate:.1%}")
     for h in profile.sink_heads()[:3]:
         print(f"  sink head L{h['layer']}.H{h['head']}: first-token mass {h['first_token_mass']:.3f}")
+    if profile.stream_eval:
+        from .analysis import attention_estimate
+
+        est = attention_estimate(rec)
+        _print_stream_eval(profile.stream_eval)
+        print(f"attention estimate: {est.sinks} sinks  ({est.method})")
     print(f"recommended sinks: {rec.sinks}  ({rec.method})")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
@@ -216,6 +330,62 @@ def cmd_stream(args: argparse.Namespace) -> int:
         if jsonl:
             jsonl.close()
     return 0
+
+
+def cmd_eval_stream(args: argparse.Namespace) -> int:
+    """Perplexity under eviction: write stream_eval.json and stream_eval.html, print the table."""
+    from .prompts import read_prompt_file
+    from .report import check_output_dir
+
+    _check_stream_sizes(args.sinks, args.window, args.tokens)
+    text = read_prompt_file(args.text_file) if args.text_file else None
+    out = Path(args.out) if args.out else Path("sinkscope-reports") / _safe_name(args.model)
+    out = check_output_dir(out)
+
+    from .analysis import recommend_from_stream_eval
+    from .models import load
+    from .report import write_stream_eval
+    from .streaming.evaluate import prepare_stream_eval
+
+    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+              progress=not args.quiet)
+    plan = prepare_stream_eval(lm, text, sinks=args.sinks, window=args.window, tokens=args.tokens,
+                               modes=args.modes, chunk=args.chunk, recompute_stride=args.recompute_stride)
+    if len(plan.ids) < args.tokens:
+        print(f"note: the text has {len(plan.ids)} tokens, fewer than --tokens {args.tokens}; streaming all of them",
+              file=sys.stderr)
+    ev = plan.run(progress=not args.quiet)
+    rec = recommend_from_stream_eval(ev, args.tolerance) if "streaming" in plan.modes else None
+    paths = write_stream_eval(ev, out, recommendation=rec)
+    _print_stream_eval(ev.to_dict(include_nll=False))
+    if rec is not None:
+        print(f"recommended sinks: {rec.sinks}  ({rec.method})")
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+def _print_stream_eval(ev: dict) -> None:
+    t = ev["targets"]
+    print(f"{ev['model']['name']} · {ev['text']['name']}, {ev['tokens']} tokens · window {ev['window']} · "
+          f"{t['count']} scored tokens (positions {t['first']}..{t['last']}), the same in every mode")
+    stride = (ev.get("recompute_targets") or {}).get("stride", 1)
+    sub = stride > 1
+    print(f"  {'mode':<10} {'sinks':>5} {'ppl':>9}" + (f" {'ppl on 1 in ' + str(stride):>14}" if sub else "")
+          + f" {'tok/s':>8}  note")
+    for r in ev["results"]:
+        ppl = r.get("ppl")
+        sub_ppl = r.get("ppl_on_recompute_targets")
+        rate = r.get("tokens_per_s") or r.get("targets_per_s")
+        notes = [n for n, on in (("approximate (chunked)", r.get("exact") is False),
+                                 ("beyond the trained context", r.get("beyond_context")),
+                                 (f"{r.get('n_targets')} targets", r.get("mode") == "recompute" and sub)) if on]
+        print(f"  {r['mode']:<10} {r.get('sinks', '-')!s:>5} {_fmt(ppl):>9}"
+              + (f" {_fmt(sub_ppl):>14}" if sub else "") + f" {_fmt(rate, 1):>8}  {'; '.join(notes)}")
+
+
+def _fmt(v: object, digits: int = 3) -> str:
+    return f"{v:.{digits}f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
 
 
 def _status(tok: TokenStats, rate: float) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import plotly.graph_objects as go
@@ -26,6 +26,11 @@ FONT = dict(family="system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Ari
 MASS_SCALE = "Viridis"  # 0..1 attention mass
 ENTROPY_SCALE = "Cividis"
 SINK_COLOR = "#d62728"
+STREAM_COLOR = "#1f77b4"  # the stream-validated recommendation
+DENSE_COLOR = "#222222"
+RECOMPUTE_COLOR = "#7f7f7f"
+STREAM_SCALE = "Plasma"  # streaming lines, by sink count
+MAX_LINE_POINTS = 1500  # rolling-NLL lines are thinned to at most this many points each
 MAX_TICKS = 12  # most tick labels an attention-map axis shows; the hover always has every bin's label
 TICK_CHARS = 18  # tick labels longer than this are cut (hover shows them whole)
 
@@ -138,7 +143,10 @@ def sink_mass_curves(profile: SinkProfile) -> go.Figure:
                         color=[min(profile.layers)], showscale=True,
                         colorbar=dict(title=dict(text="layer<br>(mean over heads)", side="right"),
                                       thickness=12, len=0.6, y=0.3))))
-    rec = profile.recommendation
+    from .analysis import attention_estimate
+
+    validated = profile.recommendation
+    rec = attention_estimate(validated)  # this figure shows the attention statistics the first version reads
     curve = rec.evidence.get("curve")
     if curve is None:
         chosen = np.asarray(profile.first_token_mass) > profile.threshold
@@ -167,13 +175,23 @@ def sink_mass_curves(profile: SinkProfile) -> go.Figure:
         fig.add_hline(y=float(target), line=dict(dash="dot", color=SINK_COLOR, width=1),
                       annotation=dict(text=text, font=dict(color=SINK_COLOR, size=11)),
                       annotation_position="bottom right")
+    what = "attention estimate" if validated is not rec else "recommended"
     if 1 <= rec.sinks <= k_max:
         fig.add_vline(x=rec.sinks, line=dict(dash="dash", color="#333", width=2),
-                      annotation=dict(text=f"recommended: {rec.sinks} sink{'s' if rec.sinks != 1 else ''}",
+                      annotation=dict(text=f"{what}: {rec.sinks} sink{'s' if rec.sinks != 1 else ''}",
                                       font=dict(size=12)), annotation_position="top right")
     else:
-        fig.add_annotation(text=f"recommended: {rec.sinks} sinks", xref="paper", yref="paper", x=0.02, y=0.98,
+        fig.add_annotation(text=f"{what}: {rec.sinks} sinks", xref="paper", yref="paper", x=0.02, y=0.98,
                            showarrow=False, font=dict(size=12))
+    if validated is not rec:  # the stream-validated count, when the recommendation was validated
+        text = f"validated by streaming: {validated.sinks} sink{'s' if validated.sinks != 1 else ''}"
+        if 1 <= validated.sinks <= k_max:
+            fig.add_vline(x=validated.sinks, line=dict(dash="solid", color=STREAM_COLOR, width=2),
+                          annotation=dict(text=text, font=dict(size=12, color=STREAM_COLOR)),
+                          annotation_position="bottom right" if validated.sinks != rec.sinks else "top left")
+        else:
+            fig.add_annotation(text=text, xref="paper", yref="paper", x=0.02, y=0.9, showarrow=False,
+                               font=dict(size=12, color=STREAM_COLOR))
     _layout(fig, "Mass on the first k tokens", 430,
             legend=dict(orientation="h", x=0, y=1.02, yanchor="bottom"))
     fig.update_xaxes(title_text="k (number of leading tokens)", tickmode="array", tickvals=ks, range=[0.7, k_max + 0.3])
@@ -281,6 +299,157 @@ def per_prompt_sink_rate(profile: SinkProfile) -> go.Figure:
     return fig
 
 
+# --------------------------------------------------------------------------------- streaming evaluation
+
+
+def _stream_dict(stream_eval: Any) -> dict[str, Any]:
+    """A ``StreamEval`` or its ``to_dict()`` as the dict (the JSON document)."""
+    d = stream_eval.to_dict() if hasattr(stream_eval, "to_dict") else stream_eval
+    if not isinstance(d, dict) or not isinstance(d.get("results"), list):
+        raise ConfigError("not a stream evaluation (expected a StreamEval or a sinkscope.stream_eval/1 dict)")
+    return d
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _stream_colors(sinks: list[int]) -> dict[int, str]:
+    from plotly.colors import sample_colorscale
+
+    if not sinks:
+        return {}
+    n = len(sinks)
+    # 0..0.85 of Plasma: the yellow end is unreadable on white
+    return dict(zip(sinks, sample_colorscale(STREAM_SCALE, [0.85 * i / max(1, n - 1) for i in range(n)]),
+                    strict=True))
+
+
+def stream_ppl_by_sinks(stream_eval: Any, recommendation: Any = None) -> go.Figure:
+    """Streaming perplexity against sink count, with dense (full cache) and sliding-window recompute as
+    horizontal reference lines.
+
+    When recompute scored only every k-th target, a dotted line gives streaming's perplexity on those same
+    targets (what the recompute line compares with). With ``recommendation`` (a validated
+    :class:`~sinkscope.analysis.Recommendation` or its dict) the tolerance band and the chosen count are marked.
+    """
+    d = _stream_dict(stream_eval)
+    results = [r for r in d["results"] if isinstance(r, dict)]
+    streaming = sorted((r for r in results if r.get("mode") == "streaming" and isinstance(r.get("sinks"), int)),
+                       key=lambda r: r["sinks"])
+    xs = [r["sinks"] for r in streaming]
+    ys = [r["ppl"] if _finite(r.get("ppl")) else None for r in streaming]
+    window = d.get("window")
+    fig = go.Figure()
+    exact = all(r.get("exact", True) for r in streaming)
+    approx = "" if exact else f" (approximate: {streaming[0].get('chunk')} tokens per forward)" if streaming else ""
+    if streaming:
+        fig.add_trace(go.Scatter(
+            x=xs, y=ys, mode="lines+markers+text", text=[f"{y:.2f}" if y is not None else "" for y in ys],
+            textposition="top center", line=dict(width=3, color=SINK_COLOR), marker=dict(size=9),
+            name=f"streaming: S sinks + window {window}{approx}",
+            customdata=[[r.get("cache_budget", ""), r.get("n_targets", "")] for r in streaming],
+            hovertemplate="S = %{x} sinks<br>perplexity %{y:.3f}<br>cache %{customdata[0]} tokens"
+                          "<br>%{customdata[1]} scored tokens<extra></extra>"))
+    stride = (d.get("recompute_targets") or {}).get("stride", 1)
+    sub = [r.get("ppl_on_recompute_targets") for r in streaming]
+    if stride and stride > 1 and streaming and all(_finite(v) for v in sub):
+        fig.add_trace(go.Scatter(
+            x=xs, y=sub, mode="lines+markers", line=dict(width=1.5, dash="dot", color=SINK_COLOR),
+            marker=dict(size=5), name=f"streaming, on recompute's targets (1 in {stride})",
+            hovertemplate="S = %{x}<br>perplexity %{y:.3f} on recompute's targets<extra></extra>"))
+    refs = []
+    for r in results:
+        if r.get("mode") == "dense" and _finite(r.get("ppl")):
+            beyond = " — beyond the trained context" if r.get("beyond_context") else ""
+            refs.append((r["ppl"], f"dense (full cache): {r['ppl']:.2f}{beyond}", DENSE_COLOR, "dash"))
+        elif r.get("mode") == "recompute" and _finite(r.get("ppl")):
+            part = f", 1 target in {r.get('stride')}" if (r.get("stride") or 1) > 1 else ""
+            refs.append((r["ppl"], f"sliding window {r.get('window', window)} + re-computation: {r['ppl']:.2f}{part}",
+                         RECOMPUTE_COLOR, "dot"))
+    for i, (y, text, color, dash) in enumerate(refs):
+        fig.add_hline(y=y, line=dict(dash=dash, color=color, width=2),
+                      annotation=dict(text=label_text(text), font=dict(color=color, size=11)),
+                      annotation_position="bottom right" if i % 2 == 0 else "top right")
+        # an invisible trace so that the reference lines appear in the legend as well
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=dict(dash=dash, color=color, width=2),
+                                 name=label_text(text.split(":")[0]), hoverinfo="skip"))
+    rec = recommendation.to_dict() if hasattr(recommendation, "to_dict") else recommendation
+    ev = rec.get("evidence", {}) if isinstance(rec, dict) else {}
+    if isinstance(rec, dict) and _finite(ev.get("limit_ppl")) and _finite(ev.get("best_ppl")):
+        fig.add_hrect(y0=ev["best_ppl"], y1=ev["limit_ppl"], fillcolor=STREAM_COLOR, opacity=0.12, line_width=0)
+        tol = ev.get("tolerance")
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", hoverinfo="skip",
+                                 marker=dict(symbol="square", size=12, color=STREAM_COLOR, opacity=0.25),
+                                 name=f"within {tol:.0%} of the best" if _finite(tol) else "tolerance"))
+        if isinstance(rec.get("sinks"), int):
+            fig.add_vline(x=rec["sinks"], line=dict(color=STREAM_COLOR, width=2),
+                          annotation=dict(text=f"recommended: {rec['sinks']}", font=dict(color=STREAM_COLOR)),
+                          annotation_position="top right")
+    finite = [y for y in ys if y is not None] + [y for y, *_ in refs]
+    log = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 4
+    n = (d.get("targets") or {}).get("count", "?")
+    _layout(fig, f"Perplexity vs sink count (window {window}, {n} tokens)", 460,
+            legend=dict(orientation="h", x=0, y=-0.18, yanchor="top"), margin=dict(l=70, r=30, t=60, b=130))
+    fig.update_xaxes(title_text="sink tokens kept (S)", tickmode="array", tickvals=xs)
+    fig.update_yaxes(title_text="perplexity" + (" (log scale)" if log else ""), type="log" if log else "linear")
+    if not streaming:
+        fig.add_annotation(text="no streaming results", xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False)
+    return fig
+
+
+def stream_rolling_nll(stream_eval: Any, span: int = 64) -> go.Figure:
+    """Rolling mean NLL over text position, one line per mode (mean over the last ``span`` tokens).
+
+    Lines start once their first full span is in; recompute's line (every k-th target) averages its own
+    points over the same ``span`` tokens. Long lines are thinned for display.
+    """
+    if not isinstance(span, int) or span < 1:
+        raise ConfigError(f"span must be a whole number >= 1, got {span!r}")
+    d = _stream_dict(stream_eval)
+    results = [r for r in d["results"] if isinstance(r, dict)]
+    sinks = sorted(r["sinks"] for r in results if r.get("mode") == "streaming" and isinstance(r.get("sinks"), int))
+    colors = _stream_colors(sinks)
+    fig = go.Figure()
+    drawn = 0
+    for r in results:
+        nll, pos = r.get("nll"), r.get("positions")
+        if not isinstance(nll, list) or not isinstance(pos, dict) or not nll:
+            continue
+        stride = int(pos.get("stride") or 1)
+        first = int(pos.get("first") or 0)
+        y = np.array([v if _finite(v) else np.nan for v in nll], dtype=float)
+        k = max(1, span // stride)
+        if len(y) < k:
+            continue
+        c = np.cumsum(np.insert(y, 0, 0.0))
+        rolled = (c[k:] - c[:-k]) / k
+        x = first + stride * np.arange(k - 1, len(y))
+        step = max(1, math.ceil(len(x) / MAX_LINE_POINTS))
+        x, rolled = x[::step], rolled[::step]
+        mode = r.get("mode")
+        if mode == "streaming":
+            name, line = f"streaming S={r.get('sinks')}", dict(width=1.5, color=colors.get(r.get("sinks")))
+        elif mode == "dense":
+            name, line = "dense (full cache)", dict(width=2, color=DENSE_COLOR, dash="dash")
+        else:
+            name = f"recompute (1 in {stride})" if stride > 1 else "recompute"
+            line = dict(width=2, color=RECOMPUTE_COLOR, dash="dot")
+        fig.add_trace(go.Scatter(
+            x=x, y=rolled, mode="lines", line=line, name=label_text(name),
+            hovertemplate=f"{label_text(name)}<br>position %{{x}}<br>mean NLL over the last {span} tokens "
+                          f"%{{y:.3f}} nats<extra></extra>"))
+        drawn += 1
+    _layout(fig, f"Rolling mean NLL over position ({span}-token span)", 460,
+            legend=dict(orientation="h", x=0, y=-0.18, yanchor="top"), margin=dict(l=70, r=30, t=60, b=130))
+    fig.update_xaxes(title_text="position in the text (token)")
+    fig.update_yaxes(title_text=f"NLL, mean over {span} tokens (nats)")
+    if not drawn:
+        fig.add_annotation(text="no per-token NLLs in this evaluation", xref="paper", yref="paper", x=0.5, y=0.5,
+                           showarrow=False)
+    return fig
+
+
 # -------------------------------------------------------------------------------------------- small bits
 
 
@@ -301,4 +470,4 @@ def _layer_colors(layers: list[int]) -> list[str]:
 
 
 __all__ = ["attention_map", "entropy_heatmap", "first_token_heatmap", "label_text", "per_prompt_sink_rate",
-           "sink_mass_curves", "sink_positions_chart", "visible_token"]
+           "sink_mass_curves", "sink_positions_chart", "stream_ppl_by_sinks", "stream_rolling_nll", "visible_token"]

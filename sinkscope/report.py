@@ -22,7 +22,7 @@ import numpy as np
 
 from . import __version__, plots
 from ._io import atomic_write_many, temp_path_for
-from .analysis import SCHEMA
+from .analysis import SCHEMA, Recommendation, attention_estimate
 from .errors import OutputError
 from .metrics import sink_rate
 
@@ -121,6 +121,13 @@ def _num(value: Any, digits: int = 4) -> str:
             return str(v)
         return f"{v:.{digits}g}" if abs(v) < 1e5 else f"{v:.4g}"
     return str(value)
+
+
+def _ppl(value: Any) -> str:
+    """A perplexity with two decimals (None when missing)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return f"{value:.2f}"
+    return "None"
 
 
 def _pct(value: float) -> str:
@@ -265,6 +272,15 @@ def _curve_table(curve: list[float], sinks: int, excess: list[float] | None = No
 
 def _evidence_html(profile: SinkProfile) -> str:
     rec = profile.recommendation
+    est = attention_estimate(rec)
+    if est is rec:
+        return _attention_evidence_html(rec)
+    return (_validated_evidence_html(rec)
+            + f'<h3>Attention-statistics estimate: {est.sinks} sink{"s" if est.sinks != 1 else ""}</h3>'
+            f'<div class="note">{_esc(est.method)}</div>' + _attention_evidence_html(est))
+
+
+def _attention_evidence_html(rec: Recommendation) -> str:
     parts = []
     curve = rec.evidence.get("curve")
     if isinstance(curve, list) and curve and all(isinstance(v, (int, float)) for v in curve):
@@ -283,6 +299,35 @@ def _evidence_html(profile: SinkProfile) -> str:
         rows.append([_esc(key.replace("_", " ")), shown])
     if rows:
         parts.append(_html_table(["evidence", ""], rows, cls="kv"))
+    return "".join(parts)
+
+
+def _ppl_rows(rec: Recommendation) -> list[dict[str, Any]]:
+    rows = rec.evidence.get("ppl_by_sinks")
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def _validated_evidence_html(rec: Recommendation) -> str:
+    ev = rec.evidence
+    rows = _ppl_rows(rec)
+    tol = ev.get("tolerance")
+    tol_text = f"{tol:.0%}" if isinstance(tol, (int, float)) else "?"
+    parts = [f'<div class="note">Streaming perplexity per sink count (window {_esc(ev.get("window"))}, '
+             f'{_esc(ev.get("n_targets"))} scored tokens of <code>{_esc(ev.get("text"))}</code>); the recommendation '
+             f"is the smallest count within {tol_text} of the best.</div>"]
+    if rows:
+        hl = next((i for i, r in enumerate(rows) if r.get("sinks") == rec.sinks), None)
+        parts.append(_html_table(["sinks", "perplexity", f"within {tol_text}"],
+                                 [[_esc(r.get("sinks")), _esc(_ppl(r.get("ppl"))),
+                                   "yes" if r.get("within_tolerance") else "no"] for r in rows],
+                                 cls="numeric", highlight=hl))
+    best_s = ev.get("best_sinks")
+    shown = [("best", f"{_ppl(ev.get('best_ppl'))} with {best_s} sink{'' if best_s == 1 else 's'}"),
+             ("dense (full cache)", _ppl(ev.get("dense_ppl"))),
+             ("sliding window + recompute", _ppl(ev.get("recompute_ppl"))),
+             ("exact (token by token)", _num(ev.get("exact")))]
+    shown = [(k, v) for k, v in shown if not v.startswith("None")]
+    parts.append(_html_table(["", ""], [[_esc(k), _esc(v)] for k, v in shown], cls="kv"))
     return "".join(parts)
 
 
@@ -356,17 +401,49 @@ def _stream_eval_html(profile: SinkProfile) -> str:
     ev = profile.stream_eval
     if not ev:
         return ""
+    rec = profile.recommendation
+    body = _stream_eval_body(ev, rec if attention_estimate(rec) is not rec else None, "report")
+    return f'<section class="card"><h2>Streaming evaluation: perplexity under eviction</h2>{body}</section>'
+
+
+_STREAM_COLUMNS = ("mode", "sinks", "window", "cache_budget", "ppl", "ppl_on_recompute_targets", "mean_nll",
+                   "n_targets", "exact", "chunk", "stride", "beyond_context", "seconds")
+
+
+def _stream_eval_body(ev: Any, recommendation: Recommendation | None, prefix: str) -> str:
+    """The stream-eval table, a note on the targets, and the two figures (when the document is well formed)."""
     results = ev.get("results") if isinstance(ev, dict) else None
-    body = ""
-    if isinstance(results, list) and results and all(isinstance(r, dict) for r in results):
-        keys: list[str] = []
-        for r in results:
-            keys += [k for k in r if k not in keys and not isinstance(r[k], (dict, list))]
-        rows = [[_esc(_num(r.get(k, ""))) for k in keys] for r in results]
-        body = _html_table([_esc(k) for k in keys], rows)
-    else:
-        body = f"<code>{_esc(json.dumps(ev, default=str))}</code>"
-    return f'<section class="card"><h2>Streaming evaluation</h2>{body}</section>'
+    if not (isinstance(results, list) and results and all(isinstance(r, dict) for r in results)):
+        return f"<code>{_esc(json.dumps(ev, default=str))}</code>"
+    keys = [k for k in _STREAM_COLUMNS if any(k in r for r in results)]
+    hl = None
+    if recommendation is not None:
+        hl = next((i for i, r in enumerate(results)
+                   if r.get("mode") == "streaming" and r.get("sinks") == recommendation.sinks), None)
+    table = _html_table([_esc(k.replace("_", " ")) for k in keys],
+                        [[_esc(_num(r.get(k, ""))) for k in keys] for r in results], cls="numeric", highlight=hl)
+    methods: dict[str, str] = {}  # one line per mode (the streaming ones differ only in S)
+    for r in results:
+        if isinstance(r.get("method"), str):
+            methods.setdefault(str(r.get("mode")), r["method"])
+    method_html = "".join(f"<li><b>{_esc(m)}</b>: {_esc(text)}</li>" for m, text in methods.items())
+    t = ev.get("targets") or {}
+    text = ev.get("text") or {}
+    rt = ev.get("recompute_targets") or {}
+    sub = (f" Recompute scored one target in {rt.get('stride')} ({rt.get('count')} tokens); <i>ppl on recompute "
+           f"targets</i> gives every mode's perplexity on exactly those." if (rt.get("stride") or 1) > 1 else "")
+    note = (f'<p class="note">Text <code>{_esc(text.get("name"))}</code>, first {_esc(ev.get("tokens"))} tokens, '
+            f"window {_esc(ev.get('window'))}. Every mode is scored on the same {_esc(t.get('count'))} target tokens "
+            f"(positions {_esc(t.get('first'))} to {_esc(t.get('last'))}: from the largest sink count plus the "
+            f"window on); perplexity = exp(mean NLL).{sub}</p>")
+    figs = ""
+    try:
+        figs = ('<div class="grid">'
+                f"<div>{_fig_html(plots.stream_ppl_by_sinks(ev, recommendation), f'fig-{prefix}-stream-ppl')}</div>"
+                f"<div>{_fig_html(plots.stream_rolling_nll(ev), f'fig-{prefix}-stream-nll')}</div></div>")
+    except (KeyError, TypeError, ValueError):  # a hand-made or older document: the table is still shown
+        figs = ""
+    return note + figs + f'<div class="scroll">{table}</div><ul class="note">{method_html}</ul>'
 
 
 def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
@@ -432,19 +509,34 @@ def render_markdown(profile: SinkProfile) -> str:
 
     out += ["## Recommendation", "",
             f"**Keep {rec.sinks} sink token{'s' if rec.sinks != 1 else ''}.** Method: {_md(rec.method)}", ""]
-    curve = rec.evidence.get("curve")
+    est = attention_estimate(rec)
+    if est is not rec:  # validated by streaming: the perplexity table, then the attention estimate
+        tol = rec.evidence.get("tolerance")
+        tol_text = f"{tol:.0%}" if isinstance(tol, (int, float)) else "?"
+        out += [_md_table(["sinks", "perplexity", f"within {tol_text}"],
+                          [[f"**{r.get('sinks')}**" if r.get("sinks") == rec.sinks else _md(r.get("sinks")),
+                            _md(_ppl(r.get("ppl"))), "yes" if r.get("within_tolerance") else "no"]
+                           for r in _ppl_rows(rec)]), ""]
+        for key, value in rec.evidence.items():
+            if key not in ("ppl_by_sinks", "attention_estimate"):
+                out.append(f"- {_md(key.replace('_', ' '))}: {_md(_num(value))}")
+        out += ["", f"### Attention-statistics estimate: {est.sinks} sink{'s' if est.sinks != 1 else ''}", "",
+                f"Method: {_md(est.method)}", ""]
+    curve = est.evidence.get("curve")
     if isinstance(curve, list) and curve and all(isinstance(v, (int, float)) for v in curve):
         ks = range(1, len(curve) + 1)
-        out += [_md_table(["k", *[f"**{k}**" if k == rec.sinks else str(k) for k in ks]],
+        out += [_md_table(["k", *[f"**{k}**" if k == est.sinks else str(k) for k in ks]],
                           [["mass on first k", *[f"{v:.3f}" for v in curve]],
-                           *([["above chance", *[f"{v:.3f}" for v in rec.evidence["excess_curve"]]]]
-                             if isinstance(rec.evidence.get("excess_curve"), list) else [])]), ""]
-    for key, value in rec.evidence.items():
+                           *([["above chance", *[f"{v:.3f}" for v in est.evidence["excess_curve"]]]]
+                             if isinstance(est.evidence.get("excess_curve"), list) else [])]), ""]
+    for key, value in est.evidence.items():
         if key in ("curve", "excess_curve"):
             continue
         shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else _num(value)
         out.append(f"- {_md(key.replace('_', ' '))}: {_md(shown)}")
     out.append("")
+    if profile.stream_eval:
+        out += _stream_eval_markdown(profile.stream_eval)
 
     out += ["## Model", "", _md_table(["", ""], [[_md(k), _md(v)] for k, v in _model_rows(profile)], "ll"), ""]
 
@@ -485,4 +577,75 @@ def render_markdown(profile: SinkProfile) -> str:
     return "\n".join(out)
 
 
-__all__ = ["check_output_dir", "render_html", "render_markdown", "write_report"]
+def _stream_eval_markdown(ev: Any) -> list[str]:
+    results = ev.get("results") if isinstance(ev, dict) else None
+    if not isinstance(results, list):
+        return []
+    t, text = ev.get("targets") or {}, ev.get("text") or {}
+    cols = ["mode", "sinks", "ppl", "ppl_on_recompute_targets", "n_targets", "exact", "seconds"]
+    cols = [c for c in cols if any(isinstance(r, dict) and c in r for r in results)]
+    return ["## Streaming evaluation", "",
+            f"Text {_md(text.get('name'))}, first {_md(ev.get('tokens'))} tokens, window {_md(ev.get('window'))}; "
+            f"every mode scored on the same {_md(t.get('count'))} tokens (positions {_md(t.get('first'))} to "
+            f"{_md(t.get('last'))}).", "",
+            _md_table([c.replace("_", " ") for c in cols],
+                      [[_md(_num(r.get(c, ""))) for c in cols] for r in results if isinstance(r, dict)]), ""]
+
+
+# ---------------------------------------------------------------------------------------------- stream eval
+
+STREAM_EVAL_FILES = {"json": "stream_eval.json", "html": "stream_eval.html"}
+
+
+def render_stream_eval_html(stream_eval: Any, *, recommendation: Recommendation | None = None) -> str:
+    """A small self-contained page (plotly.js embedded once) with the stream-eval table and its two figures."""
+    from plotly.offline import get_plotlyjs
+
+    ev = stream_eval.to_dict() if hasattr(stream_eval, "to_dict") else stream_eval
+    m = ev.get("model") or {}
+    name = _esc(m.get("name", "model"))
+    rec_html = ""
+    if recommendation is not None:
+        rec_html = (f'<section class="card rec"><h2>Recommended sink tokens</h2><div class="big">{recommendation.sinks}'
+                    f' <small>sink token{"s" if recommendation.sinks != 1 else ""} to keep</small></div>'
+                    f'<div class="method note">{_esc(recommendation.method)}</div>'
+                    f"{_validated_evidence_html(recommendation)}</section>")
+    body = _stream_eval_body(ev, recommendation, "stream")
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<meta name=\"generator\" content=\"sinkscope {_esc(__version__)}\">\n"
+        f"<title>sinkscope stream eval: {name}</title>\n<style>{_CSS}</style>\n"
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n<main class=\"container\">\n"
+        f"<header><h1>Perplexity under eviction: <code>{name}</code></h1>"
+        f"<p class=\"sub\">{_esc(m.get('architecture', ''))} · window {_esc(ev.get('window'))} · sinks "
+        f"{_esc(', '.join(str(x) for x in ev.get('sinks') or []))} · {_esc(ev.get('tokens'))} tokens</p></header>\n"
+        f"{rec_html}<section class=\"card\"><h2>Results</h2>{body}</section>\n"
+        f"<footer>sinkscope {_esc(__version__)} · schema <code>{_esc(ev.get('schema'))}</code> · the numbers are in "
+        "stream_eval.json next to this file</footer>\n</main>\n</body>\n</html>\n")
+
+
+def write_stream_eval(stream_eval: Any, out_dir: str | Path, *,
+                      recommendation: Recommendation | None = None) -> dict[str, Path]:
+    """Write ``stream_eval.json`` (the ``to_dict()`` document, plus ``recommendation`` when given) and
+    ``stream_eval.html`` into ``out_dir``, atomically; return their paths by kind.
+
+    Raises:
+        OutputError: ``out_dir`` can't be created or written.
+    """
+    out = check_output_dir(out_dir)
+    ev = stream_eval.to_dict() if hasattr(stream_eval, "to_dict") else dict(stream_eval)
+    doc = {**ev, "recommendation": recommendation.to_dict()} if recommendation is not None else ev
+    texts = {"json": json.dumps(doc, indent=1) + "\n",
+             "html": render_stream_eval_html(ev, recommendation=recommendation)}
+    paths = {kind: out / name for kind, name in STREAM_EVAL_FILES.items()}
+    try:
+        atomic_write_many({paths[kind]: text for kind, text in texts.items()})
+    except OSError as exc:
+        raise OutputError(f"can't write the stream evaluation into {out}: {exc.strerror or exc}; "
+                          f"free some space or choose another directory (--out DIR)") from None
+    return paths
+
+
+__all__ = ["check_output_dir", "render_html", "render_markdown", "render_stream_eval_html", "write_report",
+           "write_stream_eval"]
