@@ -94,11 +94,16 @@ def write_report(profile: SinkProfile, out_dir: str | Path, *, figures_for_heads
         "html": render_html(profile, figures_for_heads=figures_for_heads),
         "md": render_markdown(profile),
     }
-    paths = {kind: out / name for kind, name in REPORT_FILES.items()}
+    return _write_files(out, REPORT_FILES, texts, "the report")
+
+
+def _write_files(out: Path, names: dict[str, str], texts: dict[str, str], what: str) -> dict[str, Path]:
+    """Write all files or none (atomic renames); an OS failure becomes a one-line OutputError."""
+    paths = {kind: out / name for kind, name in names.items()}
     try:
         atomic_write_many({paths[kind]: text for kind, text in texts.items()})
     except OSError as exc:
-        raise OutputError(f"can't write the report into {out}: {exc.strerror or exc}; "
+        raise OutputError(f"can't write {what} into {out}: {exc.strerror or exc}; "
                           f"free some space or choose another directory (--out DIR)") from None
     return paths
 
@@ -638,13 +643,7 @@ def write_stream_eval(stream_eval: Any, out_dir: str | Path, *,
     doc = {**ev, "recommendation": recommendation.to_dict()} if recommendation is not None else ev
     texts = {"json": json.dumps(doc, indent=1) + "\n",
              "html": render_stream_eval_html(ev, recommendation=recommendation)}
-    paths = {kind: out / name for kind, name in STREAM_EVAL_FILES.items()}
-    try:
-        atomic_write_many({paths[kind]: text for kind, text in texts.items()})
-    except OSError as exc:
-        raise OutputError(f"can't write the stream evaluation into {out}: {exc.strerror or exc}; "
-                          f"free some space or choose another directory (--out DIR)") from None
-    return paths
+    return _write_files(out, STREAM_EVAL_FILES, texts, "the stream evaluation")
 
 
 __all__ = ["check_output_dir", "render_html", "render_markdown", "render_stream_eval_html", "write_report",

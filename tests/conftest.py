@@ -180,6 +180,15 @@ def sink_llama(tok_bos):
     return loaded(build_sink_llama(tok_bos), tok_bos, "sink-llama")
 
 
+@pytest.fixture(scope="session")
+def llama_dir(tmp_path_factory):
+    """The tiny Llama saved as a Hugging Face directory with its tokenizer (max_position_embeddings 256)."""
+    d = tmp_path_factory.mktemp("tiny-llama")
+    build_llama().save_pretrained(d)
+    make_char_tokenizer(add_bos=True).save_pretrained(d)
+    return d
+
+
 @pytest.fixture(params=["tiny_llama", "tiny_gemma3", "tiny_gpt2"])
 def tiny(request):
     """Each tiny architecture in turn."""

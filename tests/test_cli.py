@@ -7,20 +7,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO_ROOT, build_llama, make_char_tokenizer, require_distribution
+from conftest import REPO_ROOT, make_char_tokenizer, require_distribution
 
 from sinkscope.cli import main
 
 TEXT = "Attention sinks are the first tokens of a prompt that soak up attention. " * 3
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A tiny Llama saved as a Hugging Face directory (max_position_embeddings 256)."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    build_llama().save_pretrained(d)
-    make_char_tokenizer(add_bos=True).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

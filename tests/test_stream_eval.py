@@ -24,7 +24,6 @@ from conftest import (
     PAD_ID,
     REPO_ROOT,
     build_gpt2,
-    build_llama,
     char_vocab,
     loaded,
     make_char_tokenizer,
@@ -526,14 +525,6 @@ def test_stream_eval_html_renders_in_chromium(ev: StreamEval, tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    build_llama().save_pretrained(d)
-    make_char_tokenizer(add_bos=True).save_pretrained(d)
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TEXT_60, build_llama, make_char_tokenizer
+from conftest import TEXT_60
 
 from sinkscope.cli import main
 from sinkscope.errors import ConfigError
@@ -132,14 +132,6 @@ def test_drift_ignores_missing_and_nan_values():
 
 
 # --------------------------------------------------------------------------------------------------- CLI
-
-
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama-stream")
-    build_llama().save_pretrained(d)
-    make_char_tokenizer(add_bos=True).save_pretrained(d)
-    return d
 
 
 def test_cli_stream_prints_text_and_status(capsys, llama_dir, tmp_path):
