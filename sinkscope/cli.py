@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_st.add_argument("--sinks-off-at", type=int, default=None, metavar="STEP",
                       help="evict the sinks from this stream step on (watch quality drop)")
     p_st.add_argument("--sinks-on-at", type=int, default=None, metavar="STEP",
-                      help="pin sinks again from this step on (re-pins the oldest stored tokens)")
+                      help="switch sinks back on from this step on (re-prefills the first S tokens)")
     p_st.add_argument("--status-every", type=_positive_int, default=32, metavar="N",
                       help="print the status line every N tokens (default: 32)")
     p_st.add_argument("--jsonl", metavar="FILE", help="also write every token's statistics as JSON lines")

@@ -189,6 +189,30 @@ def llama_dir(tmp_path_factory):
     return d
 
 
+def real_model(name: str):
+    """An embedded model, converted once into ``$SINKSCOPE_CACHE`` or the repo's ``.cache/sinkscope-test``."""
+    import sinkscope
+    from sinkscope import models
+
+    require_distribution(models.REGISTRY[name].distribution, models.REGISTRY[name].install)
+    cache = os.environ.get("SINKSCOPE_CACHE") or str(REPO_ROOT / ".cache" / "sinkscope-test")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SINKSCOPE_CACHE", cache)
+        return sinkscope.load_model(name, progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (tests marked ``real``)."""
+    return real_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The real Gemma-3-270M (tests marked ``real``)."""
+    return real_model("gemma3-270m")
+
+
 @pytest.fixture(params=["tiny_llama", "tiny_gemma3", "tiny_gpt2"])
 def tiny(request):
     """Each tiny architecture in turn."""

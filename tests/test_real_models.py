@@ -6,44 +6,18 @@ The converted weights are cached in ``$SINKSCOPE_CACHE`` if set, else in the rep
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, Reference, require_distribution
+from conftest import Reference
 
 import sinkscope
-from sinkscope import models
 from sinkscope.prompts import sample_prompts
 
 pytestmark = pytest.mark.real
 
 K = 8
 ATOL = 1e-4
-
-
-def _real_cache() -> Path:
-    env = os.environ.get("SINKSCOPE_CACHE")
-    return Path(env).expanduser() if env else REPO_ROOT / ".cache" / "sinkscope-test"
-
-
-def _load(name: str):
-    require_distribution(models.REGISTRY[name].distribution, models.REGISTRY[name].install)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SINKSCOPE_CACHE", str(_real_cache()))
-        return sinkscope.load_model(name, progress=False)
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    return _load("smollm2-135m")
-
-
-@pytest.fixture(scope="session")
-def gemma3():
-    return _load("gemma3-270m")
 
 
 def _prompts(*names: str):

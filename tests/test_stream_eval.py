@@ -27,7 +27,6 @@ from conftest import (
     char_vocab,
     loaded,
     make_char_tokenizer,
-    require_distribution,
 )
 from test_cli import assert_one_line_error
 
@@ -616,19 +615,9 @@ def test_cli_report_validate_bad_input(capsys, llama_dir, text_file, tmp_path, a
 
 
 @pytest.mark.real
-def test_real_smollm2_collapses_without_sinks() -> None:
+def test_real_smollm2_collapses_without_sinks(smollm2) -> None:
     """SmolLM2 streamed past a 64-token window: without sinks perplexity blows up, 4 sinks keep it near dense."""
-    import os
-    from pathlib import Path
-
-    import sinkscope
-    from sinkscope import models
-
-    require_distribution(models.REGISTRY["smollm2-135m"].distribution, models.REGISTRY["smollm2-135m"].install)
-    cache = os.environ.get("SINKSCOPE_CACHE") or str(Path(REPO_ROOT) / ".cache" / "sinkscope-test")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SINKSCOPE_CACHE", cache)
-        lm = sinkscope.load_model("smollm2-135m", progress=False)
+    lm = smollm2
     ev = evaluate_stream(lm, sinks=(0, 4), window=64, tokens=300, modes=("streaming", "dense"), progress=False)
     ppl = ev.ppl_by_sinks
     dense = ev.result("dense").ppl
@@ -637,3 +626,23 @@ def test_real_smollm2_collapses_without_sinks() -> None:
     assert dense < ppl[0]
     rec = recommend_from_stream_eval(ev)
     assert rec.sinks == 4
+
+
+@pytest.mark.real
+def test_real_smollm2_switch_collapses_and_recovers(smollm2) -> None:
+    """Sinks off mid-stream: the loss rises above an uninterrupted stream's; back on (re-prefilled), it returns
+    to it. Window 32, off for tokens 60-109."""
+    ids = ids_of(smollm2, se.default_text().text)[:200]
+
+    def run(flip: bool) -> np.ndarray:
+        s = Streamer(smollm2, sinks=4, window=32)
+        out = []
+        for t in s.feed(ids, chunk=1):
+            out.append(t.nll or 0.0)
+            if flip and t.step in (59, 109):
+                s.set_sinks(t.step == 109)
+        return np.array(out)
+
+    steady, flipped = run(False), run(True)
+    assert flipped[60:110].mean() > steady[60:110].mean() + 0.3, (flipped[60:110].mean(), steady[60:110].mean())
+    assert abs(flipped[150:].mean() - steady[150:].mean()) < 0.05, (flipped[150:].mean(), steady[150:].mean())

@@ -220,33 +220,78 @@ def test_window_only_when_no_sinks():
 
 
 def test_sink_switch_off_then_on():
-    """S=2, W=4 (4+2 keys per query). Hand-written expectations of the documented switch semantics."""
+    """S=2, W=4. Hand-written expectations of the documented switch: off drops the sinks at once (a plain
+    window of W), on re-prefills the first S tokens exactly (sinks + window again)."""
     model = tiny_llama()
     ids = token_ids(16)
     expected = {
         9: [0, 1, 6, 7, 8, 9],  # sinks on
-        10: [0, 1, 7, 8, 9, 10],  # switched off before 10: nothing dropped at once
-        11: [1, 7, 8, 9, 10, 11],  # the former sinks go first, one per token
-        12: [7, 8, 9, 10, 11, 12],  # a plain window of S + W
-        13: [8, 9, 10, 11, 12, 13],  # switched on before 13: 8 and 9 are pinned (re-pinning)
-        14: [8, 9, 11, 12, 13, 14],
-        15: [8, 9, 12, 13, 14, 15],
+        10: [7, 8, 9, 10],  # switched off before 10: the sinks are gone at once, a window of W
+        11: [8, 9, 10, 11],
+        12: [9, 10, 11, 12],
+        13: [0, 1, 10, 11, 12, 13],  # switched on before 13: tokens 0 and 1 re-prefilled
+        14: [0, 1, 11, 12, 13, 14],
+        15: [0, 1, 12, 13, 14, 15],
     }
+    lengths = {}
 
     def flip(t, c):
         if t == 10:
             c.set_sinks(False)
-            assert not c.sinks_enabled
+            assert not c.sinks_enabled and c.cache_length == 3
         if t == 13:
-            c.sinks_enabled = True
-            assert c.sinks_enabled
+            c.set_sinks(True, sink_ids=ids[0, :2].tolist())
+            assert c.sinks_enabled and c.cache_length == 5
+        lengths[t] = c.cache_length
 
     cache = SinkCache(model, 2, 4)
     logits = stream(model, ids, cache, on_step=flip)
     for t, idx in expected.items():
         ref = fresh_logits(model, ids, idx)
         assert torch.allclose(logits[t], ref, atol=1e-4), f"t={t}: {(logits[t] - ref).abs().max():.2e}"
-    assert cache.cache_length == 5  # the budget never changed
+    assert [lengths[t] for t in (10, 11, 12, 13, 14)] == [3, 3, 3, 5, 5]
+    assert cache.cache_length == 5
+
+
+def test_switching_back_on_restores_the_original_sinks_exactly():
+    """Re-prefilling the first S tokens gives back the keys and values they had (any depth: they only ever
+    saw each other); local layers of Gemma-3 move with the frame and keep their keys."""
+    for model in (tiny_llama(layers=3), tiny_gemma(("sliding_attention", "full_attention") * 2, sliding_window=6)):
+        ids = token_ids(40)
+        cache = SinkCache(model, 3, 8)
+        stream(model, ids[:, :20], cache)
+        before = [(layer.keys[..., :3, :].clone(), layer.values[..., :3, :].clone())
+                  for layer in cache.layers if isinstance(layer, cache_mod._SinkLayer)]
+        cache.set_sinks(False)
+        stream(model, ids[:, 20:30], cache)
+        cache.set_sinks(True, sink_ids=ids[0, :3])
+        after = [(layer.keys[..., :3, :], layer.values[..., :3, :])
+                 for layer in cache.layers if isinstance(layer, cache_mod._SinkLayer)]
+        for (k0, v0), (k1, v1) in zip(before, after, strict=True):
+            assert torch.allclose(k0, k1, atol=1e-5) and torch.allclose(v0, v1, atol=1e-5)
+        assert cache.get_seq_length() == 3 + 8 - 1
+        stream(model, ids[:, 30:], cache)  # streams on within budget
+        assert cache.cache_length == 3 + 8 - 1
+
+
+def test_switch_refusals():
+    model = tiny_llama()
+    ids = token_ids(12)
+    cache = SinkCache(model, 2, 4)
+    stream(model, ids[:, :1], cache)
+    with pytest.raises(ConfigError, match="fewer than its 2 sinks"):
+        cache.set_sinks(False)
+    stream(model, ids[:, 1:8], cache)
+    cache.set_sinks(False)
+    with pytest.raises(ConfigError, match="first 2 token ids"):
+        cache.set_sinks(True)
+    with pytest.raises(ConfigError, match="has 3 ids"):
+        cache.set_sinks(True, sink_ids=[1, 2, 3])
+    from_config = SinkCache(model.config, 2, 4)
+    stream(model, ids[:, :8], from_config)
+    from_config.set_sinks(False)
+    with pytest.raises(ConfigError, match="needs the model"):
+        from_config.set_sinks(True, sink_ids=ids[0, :2])
 
 
 def test_config_built_cache_serves_a_manual_loop():
@@ -365,3 +410,22 @@ def test_crop_and_non_models_are_refused():
         cache.crop(-1)
     with pytest.raises(ConfigError, match="model or config"):
         SinkCache("llama", 2, 6)
+
+
+def test_gemma3_switch_keeps_local_layers_exact():
+    """Gemma-3 [sliding, full]: off, then on again; the global layer sees the expected tokens and the local
+    layer (which moved with the frame) still sees its own sliding window."""
+    model = tiny_gemma()
+    ids = token_ids(20)
+    logits = {}
+    cache = SinkCache(model, 2, 4)
+    with torch.no_grad():
+        for t in range(20):
+            if t == 10:
+                cache.set_sinks(False)
+            if t == 14:
+                cache.set_sinks(True, sink_ids=ids[0, :2])
+            logits[t] = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True).logits[0, -1]
+    for t, idx in {11: [8, 9, 10, 11], 14: [0, 1, 11, 12, 13, 14], 16: [0, 1, 13, 14, 15, 16]}.items():
+        ref = gemma_reference(model, ids, t, idx)
+        assert torch.allclose(logits[t], ref, atol=1e-4), f"t={t}: {(logits[t] - ref).abs().max():.2e}"

@@ -56,17 +56,19 @@ mask that transformers builds matches the keys the layer returns.
 
 The sink switch
 ---------------
-:meth:`SinkCache.set_sinks` changes the eviction rule between two forwards and never the budget: the cache
-keeps ``S + W - 1`` tokens either way, so memory and attention span stay constant and a comparison isolates
-*which* tokens are kept.
+:meth:`SinkCache.set_sinks` toggles, between two forwards, between exactly the two caches that
+``sinkscope eval-stream`` compares: ``S`` sinks + window ``W``, and a plain window ``W`` (``S = 0``).
 
-* Off: the ``S`` pinned slots join the window; nothing is dropped at once, and the former sinks, being the
-  oldest tokens, are the next ``S`` evicted, one per fed token. The cache is then a plain window of
-  ``S + W`` keys per query (as ``SinkCache(model, 0, S + W)``).
-* On: the oldest ``S`` stored tokens become the sinks (*re-pinning*). They already sit at positions
-  ``0 .. S-1``, so nothing moves. The original sink tokens come back only if they are still stored (sinks
-  off for fewer than ``S`` tokens); once evicted they are gone: keeping them aside would make "off" cost
-  the same memory as "on" and hide tokens the switch claims to drop.
+* Off: the ``S`` sinks are dropped at once and the window tokens move down by ``S`` positions; from the next
+  token on the budget is ``W - 1`` stored tokens, as in ``SinkCache(model, 0, W)``. The memory is freed.
+* On: the stream's original first ``S`` tokens are *re-prefilled*: one forward of those ``S`` token ids at
+  positions ``0 .. S-1`` on an empty cache. The first tokens of a stream only ever attend to each other, so
+  this recomputes their keys and values exactly (not an approximation); they are put back in front of the
+  window, which moves up by ``S``, and the budget returns to ``S + W - 1``. The alternative, *re-pinning*
+  the oldest window tokens as new sinks, was measured and rejected: window tokens were computed with a
+  long context and don't act as sinks (SmolLM2, window 64: the loss stayed as high as with no sinks).
+  Re-prefilling needs the ids of the first ``S`` tokens, which :class:`~sinkscope.streaming.Streamer`
+  keeps (``S`` integers), and the model, so the cache must have been built from the model.
 
 Why a ``transformers.Cache`` with custom layers
 ----------------------------------------------
@@ -93,14 +95,14 @@ from __future__ import annotations
 
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import PreTrainedConfig
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
 
 from ..errors import ConfigError
 
@@ -377,7 +379,7 @@ class _SinkLayer(_StreamLayer):
         return self.position + query_length, 0
 
     def get_max_length(self) -> int:
-        return self.sinks + self.window
+        return self.capacity + 1
 
 
 class _LocalLayer(_StreamLayer):
@@ -513,6 +515,7 @@ class SinkCache(Cache):
         self.window = window
         self.max_positions = max_pos
         self._positions_hooked = rope.owner is not None and _install_position_hook(rope.owner)
+        self._model = model  # re-prefills the sinks when they are switched back on
 
     # ----------------------------------------------------------------------------------- state
 
@@ -549,19 +552,60 @@ class SinkCache(Cache):
         """Whether the first ``S`` stored tokens are pinned (see :meth:`set_sinks`)."""
         return all(layer.sinks_enabled for layer in self.layers if isinstance(layer, _SinkLayer))
 
-    @sinks_enabled.setter
-    def sinks_enabled(self, on: bool) -> None:
-        self.set_sinks(on)
+    def set_sinks(self, on: bool, sink_ids: Sequence[int] | torch.Tensor | None = None) -> None:
+        """Switch between sinks + window and a plain window, between two forwards (see the module docstring).
 
-    def set_sinks(self, on: bool) -> None:
-        """Switch sink pinning, between two forwards; the budget stays ``S + W - 1`` stored tokens.
+        Off drops the ``S`` sinks now (budget ``W - 1``). On re-prefills the stream's first ``S`` tokens,
+        given as ``sink_ids`` (``S`` ids, or ``[batch, S]``), exactly, and restores the budget ``S + W - 1``.
+        Switching to the current state does nothing.
 
-        Off: the sinks join the window and, being oldest, are evicted first (one per fed token). On: the
-        oldest ``S`` stored tokens are pinned as sinks (re-pinning); evicted original sinks don't return.
+        Raises:
+            ConfigError: fewer than ``S`` tokens seen yet, ``sink_ids`` missing or of the wrong length, or a
+                cache built from a config (re-prefilling needs the model).
         """
-        for layer in self.layers:
+        on = bool(on)
+        if on == self.sinks_enabled or self.sinks == 0:
+            return
+        if self.seen_tokens < self.sinks:
+            raise ConfigError(f"the stream has {self.seen_tokens} tokens, fewer than its {self.sinks} sinks: "
+                              "nothing to switch yet")
+        if not on:
+            self._shift_frame(-self.sinks, self.window - 1, sinks=None)
+            return
+        if self._model is None:
+            raise ConfigError("switching sinks back on re-prefills them, which needs the model: build the "
+                              "SinkCache from the model, not its config")
+        if sink_ids is None:
+            raise ConfigError(f"switching sinks back on needs the stream's first {self.sinks} token ids (sink_ids)")
+        ids = torch.as_tensor(sink_ids, dtype=torch.long, device=self._model.device)
+        ids = ids.view(1, -1) if ids.dim() == 1 else ids
+        if ids.shape[-1] != self.sinks:
+            raise ConfigError(f"sink_ids has {ids.shape[-1]} ids; this cache keeps {self.sinks} sinks")
+        if ids.shape[0] == 1 and self.batch_size > 1:
+            ids = ids.expand(self.batch_size, -1)
+        fresh = DynamicCache(config=self._model.config)
+        with torch.no_grad():  # a plain cache: the position pre-hook leaves this forward alone
+            self._model(input_ids=ids, past_key_values=fresh, use_cache=True)
+        self._shift_frame(self.sinks, self.capacity, sinks=fresh)
+
+    def _shift_frame(self, shift: int, capacity: int, sinks: DynamicCache | None) -> None:
+        """Drop (``sinks`` None) or put back (``sinks`` holds their keys/values) the sinks; move the frame."""
+        for i, layer in enumerate(self.layers):
             if isinstance(layer, _SinkLayer):
-                layer.sinks_enabled = bool(on)
+                if sinks is None:
+                    layer.keys, layer.values = layer.keys[..., self.sinks:, :], layer.values[..., self.sinks:, :]
+                    layer.arrival = layer.arrival[self.sinks:]
+                else:
+                    src = sinks.layers[i]
+                    layer.keys = torch.cat([src.keys.to(layer.keys.dtype), layer.keys], dim=-2)
+                    layer.values = torch.cat([src.values.to(layer.values.dtype), layer.values], dim=-2)
+                    layer.arrival = torch.cat([torch.arange(self.sinks, device=layer.arrival.device),
+                                               layer.arrival])
+                layer.sinks_enabled = sinks is not None
+            # Local layers store no sinks but share the position frame, so they move with it.
+            layer.position += shift
+            layer.capacity = capacity
+            layer._moved = True
 
     @property
     def batch_size(self) -> int:

@@ -6,9 +6,9 @@ Prompt tokens are known in advance, so their NLL is the model's real loss; for g
 model's surprise at its own choice.
 
 The switch: :meth:`Streamer.set_sinks` may be called from any thread at any time; it takes effect before the
-next token is fed (never inside a forward). What switching means for the cache is documented on
-:meth:`SinkCache.set_sinks`: the budget stays ``S + W - 1`` stored tokens; off lets the pinned tokens be
-evicted like any other, on re-pins the oldest stored tokens.
+next token is fed (never inside a forward), and not before the stream has its first ``S`` tokens. What it
+does to the cache is documented on :meth:`SinkCache.set_sinks`: off drops the sinks at once (a plain
+window), on re-prefills the stream's first ``S`` tokens, which the streamer keeps for that purpose.
 """
 
 from __future__ import annotations
@@ -134,6 +134,7 @@ class Streamer:
         if self.prefill_chunk < 1:
             raise ConfigError("prefill_chunk must be at least 1")
         self._want_sinks = True
+        self._first_ids: list[int] = []  # the stream's first S token ids, to re-prefill the sinks
         self._last_logits: torch.Tensor | None = None  # predicts the next token
         self._device = next(lm.model.parameters()).device
 
@@ -194,8 +195,10 @@ class Streamer:
         yield from self.generate(max_new_tokens, **generate_kwargs)
 
     def _forward(self, ids: list[int], source: str) -> Iterator[TokenStats]:
-        if self.cache.sinks_enabled != self._want_sinks:
-            self.cache.set_sinks(self._want_sinks)
+        if self.cache.sinks_enabled != self._want_sinks and self.cache.seen_tokens >= self.cache.sinks:
+            self.cache.set_sinks(self._want_sinks, sink_ids=self._first_ids)
+        if len(self._first_ids) < self.cache.sinks:
+            self._first_ids += ids[: self.cache.sinks - len(self._first_ids)]
         first_step = self.cache.seen_tokens
         t0 = time.perf_counter()
         with torch.no_grad():
