@@ -13,6 +13,7 @@ from . import __version__
 from .errors import ConfigError, SinkscopeError
 
 if TYPE_CHECKING:
+    from .models import LoadedModel
     from .streaming.streamer import TokenStats
 
 EVAL_TOKENS = 2000  # eval-stream: ~14 min for SmolLM2 on 2 CPU cores (timings in docs/cli.md)
@@ -92,6 +93,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="weight dtype (default: float32)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow custom model code from a hub repository (off by default)")
+
+
+def _load(source: str, args: argparse.Namespace, progress: bool = True) -> LoadedModel:
+    """Load ``source`` with the command's --device / --dtype / --trust-remote-code."""
+    from .models import load
+
+    return load(source, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                progress=progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,7 +216,37 @@ def build_parser() -> argparse.ArgumentParser:
     p_ev.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_options(p_ev)
     p_ev.set_defaults(func=cmd_eval_stream)
+
+    p_db = sub.add_parser(
+        "dashboard", help="open the local dashboard: heatmaps beside a live stream with a sink-eviction switch",
+        description="Serve the Dash dashboard on this machine: analyse prompts (layer x head heatmap, one "
+                    "head's attention map, sink curves, recommendation) beside a live stream whose sinks can "
+                    "be evicted and restored mid-stream. The first model is loaded before the URL is printed; "
+                    "others load when picked in the page.", epilog=EPILOG)
+    p_db.add_argument("--model", action="append", default=None, metavar="M",
+                      help="a model to offer (repeat for several; the first is the default; default: smollm2-135m)")
+    p_db.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
+    p_db.add_argument("--port", type=_port, default=8050, help="port (default: 8050)")
+    lim = p_db.add_argument_group("server-side limits (each refusal is shown in the page)")
+    lim.add_argument("--max-prompt-tokens", type=_positive_int, default=2048, metavar="N",
+                     help="longest text a stream reads (default: 2048)")
+    lim.add_argument("--max-new-tokens", type=_positive_int, default=1024, metavar="N",
+                     help="most tokens a stream generates (default: 1024)")
+    lim.add_argument("--max-analysis-tokens", type=_positive_int, default=1024, metavar="N",
+                     help="longest prompt the page analyses (default: 1024)")
+    lim.add_argument("--max-streams", type=_positive_int, default=4, metavar="N",
+                     help="streams running at once, all pages together (default: 4)")
+    _add_model_options(p_db)
+    p_db.set_defaults(func=cmd_dashboard)
     return parser
+
+
+def _port(text: str) -> int:
+    value = _positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is at most 65535, got {value}")
+    return value
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -251,11 +290,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     out = check_output_dir(out)  # before the slow part: a bad --out must not cost a model load
 
     from .analysis import analyze
-    from .models import load
     from .report import write_report
 
-    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-              progress=not args.quiet)
+    lm = _load(args.model, args, progress=not args.quiet)
     modes = ("streaming", "dense")
     if args.validate:  # refuse bad sizes, short texts and unsupported architectures before the analysis
         from .streaming.evaluate import DEFAULT_SINKS, prepare_stream_eval
@@ -290,7 +327,6 @@ def cmd_stream(args: argparse.Namespace) -> int:
     """Stream MODEL through a SinkCache: text on stdout, status lines on stderr."""
     import json
 
-    from .models import load
     from .prompts import read_prompt_file
     from .streaming.streamer import Streamer
 
@@ -303,7 +339,7 @@ def cmd_stream(args: argparse.Namespace) -> int:
         raise ConfigError("the prompt is empty")
     jsonl = open(args.jsonl, "w", encoding="utf-8") if args.jsonl else None  # noqa: SIM115 - closed below
     try:
-        lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+        lm = _load(args.model, args)
         streamer = Streamer(lm, sinks=args.sinks, window=args.window)
         special = set(lm.tokenizer.all_special_ids)
         t0, n, last = _now(), 0, None
@@ -343,12 +379,10 @@ def cmd_eval_stream(args: argparse.Namespace) -> int:
     out = check_output_dir(out)
 
     from .analysis import recommend_from_stream_eval
-    from .models import load
     from .report import write_stream_eval
     from .streaming.evaluate import prepare_stream_eval
 
-    lm = load(args.model, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-              progress=not args.quiet)
+    lm = _load(args.model, args, progress=not args.quiet)
     plan = prepare_stream_eval(lm, text, sinks=args.sinks, window=args.window, tokens=args.tokens,
                                modes=args.modes, chunk=args.chunk, recompute_stride=args.recompute_stride)
     if len(plan.ids) < args.tokens:
@@ -401,6 +435,36 @@ def _now() -> float:
     import time
 
     return time.perf_counter()
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Load the default model, then serve the dashboard until Ctrl-C."""
+    import socket
+
+    try:
+        from dashboard import Limits, create_app, run
+    except ImportError as exc:
+        raise ConfigError(f"the dashboard package is not importable ({exc}); install sinkscope from its "
+                          "checkout (make setup)") from exc
+    with socket.socket() as probe:  # say so now, not after a minute of model loading
+        try:
+            probe.bind((args.host, args.port))
+        except OSError as exc:
+            raise ConfigError(f"can't listen on {args.host}:{args.port} ({exc.strerror}); pass another --port "
+                              "or stop what uses it") from exc
+    names = list(dict.fromkeys(args.model or ["smollm2-135m"]))
+    print(f"loading {names[0]} ...", file=sys.stderr, flush=True)
+    first = _load(names[0], args)
+    models: dict[str, LoadedModel | str] = {name: name for name in names}
+    models[names[0]] = first
+    app = create_app(models, limits=Limits(max_prompt_tokens=args.max_prompt_tokens,
+                                           max_new_tokens=args.max_new_tokens,
+                                           max_analysis_tokens=args.max_analysis_tokens,
+                                           max_streams=args.max_streams),
+                     loader=lambda source: _load(source, args, progress=False))
+    print(f"sinkscope dashboard on http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
+    run(app, host=args.host, port=args.port)
+    return 0
 
 
 def _safe_name(source: str) -> str:

@@ -453,6 +453,70 @@ def stream_rolling_nll(stream_eval: Any, span: int = 64) -> go.Figure:
 # -------------------------------------------------------------------------------------------- small bits
 
 
+def stream_live(tokens: Any, span: int = 32) -> go.Figure:
+    """A live stream's per-token statistics (``TokenStats`` or their dicts), three panels sharing the step axis:
+    NLL (points, and its rolling mean over ``span`` tokens) with entropy; cache length; cache memory (MiB).
+    Stretches with sinks switched off are shaded, tokens flagged for drift are marked."""
+    from plotly.subplots import make_subplots
+
+    rows = [t if isinstance(t, dict) else t.to_dict() for t in tokens]
+    step = [r["step"] for r in rows]
+    nll = np.array([np.nan if r["nll"] is None else r["nll"] for r in rows], dtype=float)
+    ent = np.array([np.nan if r["entropy"] is None else r["entropy"] for r in rows], dtype=float)
+    fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.56, 0.22, 0.22])
+    fig.add_trace(go.Scattergl(x=step, y=nll, mode="markers", marker=dict(size=3, color="#9ecae1"), name="NLL",
+                               hovertemplate="step %{x}<br>NLL %{y:.2f} nats<extra></extra>"), row=1, col=1)
+    if len(nll):
+        valid = np.where(np.isfinite(nll), nll, 0.0)
+        count = np.cumsum(np.isfinite(nll))
+        total = np.cumsum(valid)
+        lo = np.maximum(np.arange(len(nll)) - span, -1)
+        n = count - np.where(lo >= 0, count[np.maximum(lo, 0)], 0)
+        roll = (total - np.where(lo >= 0, total[np.maximum(lo, 0)], 0)) / np.maximum(n, 1)
+        roll[n == 0] = np.nan
+        fig.add_trace(go.Scattergl(x=step, y=roll, mode="lines", line=dict(color=STREAM_COLOR, width=2),
+                                   name=f"NLL, mean of last {span}",
+                                   hovertemplate="step %{x}<br>rolling NLL %{y:.2f}<extra></extra>"), row=1, col=1)
+    fig.add_trace(go.Scattergl(x=step, y=ent, mode="lines", line=dict(color="#ff7f0e", width=1), name="entropy",
+                               hovertemplate="step %{x}<br>entropy %{y:.2f} nats<extra></extra>"), row=1, col=1)
+    drift = [(r["step"], nll[i]) for i, r in enumerate(rows) if r["drift"]]
+    if drift:
+        fig.add_trace(go.Scattergl(x=[d[0] for d in drift], y=[d[1] for d in drift], mode="markers",
+                                   marker=dict(size=6, color=SINK_COLOR, symbol="x"), name="drift flag",
+                                   hoverinfo="skip"), row=1, col=1)
+    fig.add_trace(go.Scattergl(x=step, y=[r["cache_length"] for r in rows], mode="lines", name="cache length",
+                               line=dict(color=DENSE_COLOR, width=2, shape="hv"), showlegend=False,
+                               hovertemplate="step %{x}<br>cache %{y} tokens<extra></extra>"), row=2, col=1)
+    fig.add_trace(go.Scattergl(x=step, y=[r["cache_bytes"] / 2**20 for r in rows], mode="lines", showlegend=False,
+                               name="cache memory", line=dict(color=RECOMPUTE_COLOR, width=2, shape="hv"),
+                               hovertemplate="step %{x}<br>cache %{y:.2f} MiB<extra></extra>"), row=3, col=1)
+    for a, b in _off_spans(rows):
+        fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor=SINK_COLOR, opacity=0.12, line_width=0, row="all", col=1)
+    if rows and any(not r["sinks_enabled"] for r in rows):  # a legend entry for the shading
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="sinks evicted",
+                                 marker=dict(size=10, symbol="square", color=SINK_COLOR, opacity=0.3)), row=1, col=1)
+    _layout(fig, "Live stream", 520, legend=dict(orientation="h", x=0, y=1.06, yanchor="bottom"),
+            margin=dict(l=60, r=20, t=70, b=40), uirevision="stream")
+    fig.update_yaxes(title_text="nats", row=1, col=1)
+    fig.update_yaxes(title_text="tokens", rangemode="tozero", row=2, col=1)
+    fig.update_yaxes(title_text="MiB", rangemode="tozero", row=3, col=1)
+    fig.update_xaxes(title_text="stream step (token)", row=3, col=1)
+    return fig
+
+
+def _off_spans(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """[first, last] steps of each run of tokens streamed with sinks off."""
+    spans: list[tuple[int, int]] = []
+    for r in rows:
+        if r["sinks_enabled"]:
+            continue
+        if spans and spans[-1][1] == r["step"] - 1:
+            spans[-1] = (spans[-1][0], r["step"])
+        else:
+            spans.append((r["step"], r["step"]))
+    return spans
+
+
 _KIND_COLORS = {"bos": "#d62728", "newline": "#ff7f0e", "space": "#9467bd", "punct": "#2ca02c", "word": "#4c78a8"}
 
 
@@ -470,4 +534,5 @@ def _layer_colors(layers: list[int]) -> list[str]:
 
 
 __all__ = ["attention_map", "entropy_heatmap", "first_token_heatmap", "label_text", "per_prompt_sink_rate",
-           "sink_mass_curves", "sink_positions_chart", "stream_ppl_by_sinks", "stream_rolling_nll", "visible_token"]
+           "sink_mass_curves", "sink_positions_chart", "stream_live", "stream_ppl_by_sinks", "stream_rolling_nll",
+           "visible_token"]

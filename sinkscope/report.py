@@ -505,15 +505,10 @@ def _card(title: str, note: str, body: str) -> str:
 # ------------------------------------------------------------------------------------------------ Markdown
 
 
-def render_markdown(profile: SinkProfile) -> str:
-    """``report.md``: the summary tables in Markdown (token text with ``|`` and newlines escaped)."""
-    m, rec = profile.model, profile.recommendation
-    out = [f"# Attention sinks in {_md(m.name)}", "",
-           f"sinkscope {__version__} · schema `{SCHEMA}` · K = {profile.k_max} · "
-           f"sink head: first-token mass > {profile.threshold:g}", ""]
-
-    out += ["## Recommendation", "",
-            f"**Keep {rec.sinks} sink token{'s' if rec.sinks != 1 else ''}.** Method: {_md(rec.method)}", ""]
+def recommendation_markdown(profile: SinkProfile) -> str:
+    """The recommendation with its evidence, in Markdown (``report.md`` and the dashboard's card)."""
+    rec = profile.recommendation
+    out = [f"**Keep {rec.sinks} sink token{'s' if rec.sinks != 1 else ''}.** Method: {_md(rec.method)}", ""]
     est = attention_estimate(rec)
     if est is not rec:  # validated by streaming: the perplexity table, then the attention estimate
         tol = rec.evidence.get("tolerance")
@@ -539,6 +534,17 @@ def render_markdown(profile: SinkProfile) -> str:
             continue
         shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else _num(value)
         out.append(f"- {_md(key.replace('_', ' '))}: {_md(shown)}")
+    return "\n".join(out)
+
+
+def render_markdown(profile: SinkProfile) -> str:
+    """``report.md``: the summary tables in Markdown (token text with ``|`` and newlines escaped)."""
+    m = profile.model
+    out = [f"# Attention sinks in {_md(m.name)}", "",
+           f"sinkscope {__version__} · schema `{SCHEMA}` · K = {profile.k_max} · "
+           f"sink head: first-token mass > {profile.threshold:g}", ""]
+
+    out += ["## Recommendation", "", recommendation_markdown(profile)]
     out.append("")
     if profile.stream_eval:
         out += _stream_eval_markdown(profile.stream_eval)

@@ -22,6 +22,9 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+if Path("/usr/bin/chromium").exists():  # Debian's Chromium, for dash_duo (Selenium looks for Google Chrome)
+    os.environ.setdefault("DASH_TEST_CHROMEPATH", "/usr/bin/chromium")
+
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 

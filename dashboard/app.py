@@ -1,0 +1,329 @@
+"""The Dash app: an analysis view (heatmaps, head maps, sink curves, recommendation) beside a live stream.
+
+A thin layer: figures come from :mod:`sinkscope.plots`, the recommendation text from
+:func:`sinkscope.report.recommendation_markdown`, analysis and streaming from the library through
+:mod:`dashboard.state`. Callbacks only move data between the page and those objects.
+
+Each browser tab gets its own session id (a ``dcc.Store`` filled when the layout is served), which keys its
+stream on the server; tabs don't share streams.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import plotly.graph_objects as go
+from dash import Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
+
+from sinkscope import plots
+from sinkscope.errors import SinkscopeError
+from sinkscope.models import LoadedModel
+from sinkscope.prompts import Prompt, sample_prompts
+from sinkscope.report import recommendation_markdown
+from sinkscope.streaming.memory import format_bytes
+
+from .state import Analyses, DashboardError, Limits, ModelPool, StreamRequest, Streams, describe
+
+TYPED = "__typed__"
+DEFAULT_SAMPLE = "prose"  # analysed on first click: short enough to take a few seconds on a CPU
+STREAM_SAMPLE = "long-document"  # streamed by default: long enough to run far past the window
+POLL_MS = 400
+
+
+@dataclass
+class Services:
+    """What the callbacks of one app use."""
+
+    pool: ModelPool
+    analyses: Analyses
+    streams: Streams
+    limits: Limits
+    samples: dict[str, Prompt]
+
+
+def create_app(models: dict[str, str | LoadedModel] | None = None, *, limits: Limits | None = None,
+               loader: Callable[[str], LoadedModel] | None = None) -> Dash:
+    """Build the dashboard. ``models``: display name -> model source or loaded model (first = default);
+    ``loader`` turns a source into a model (default: :func:`sinkscope.load_model`).
+
+    The services (model pool, analyses, streams) hang on ``app.sinkscope`` for tests and shutdown.
+    """
+    limits = limits or Limits()
+    pool = ModelPool(models or {"smollm2-135m": "smollm2-135m"}, loader)
+    try:
+        samples = {p.name: p for p in sample_prompts()}
+    except SinkscopeError:
+        samples = {}
+    svc = Services(pool, Analyses(pool, limits), Streams(pool, limits), limits, samples)
+    app = Dash(__name__, title="sinkscope", update_title=None, suppress_callback_exceptions=False)
+    app.layout = lambda: _layout(svc)
+    _register(app, svc)
+    app.sinkscope = svc  # type: ignore[attr-defined]
+    return app
+
+
+# ------------------------------------------------------------------------------------------------- layout
+
+
+def _number(id_: str, label: str, value: float, lo: float, hi: float | None, step: float = 1) -> html.Label:
+    return html.Label([label, dcc.Input(id=id_, type="number", value=value, min=lo, max=hi, step=step,
+                                        debounce=True, className="num")], className="field")
+
+
+def _graph(id_: str, height: int) -> dcc.Graph:
+    return dcc.Graph(id=id_, figure=_placeholder(height), config={"displaylogo": False},
+                     style={"height": f"{height}px"})
+
+
+def _placeholder(height: int, text: str = "") -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(template=plots.TEMPLATE, height=height, xaxis=dict(visible=False), yaxis=dict(visible=False),
+                      annotations=[dict(text=text, showarrow=False, font=dict(color="#888"))] if text else [])
+    return fig
+
+
+def _layout(svc: Services) -> html.Div:
+    lim = svc.limits
+    sample_opts = [{"label": f"sample: {name}", "value": name} for name in svc.samples]
+    default_sample = DEFAULT_SAMPLE if DEFAULT_SAMPLE in svc.samples else next(iter(svc.samples), TYPED)
+    stream_text = svc.samples[STREAM_SAMPLE].text if STREAM_SAMPLE in svc.samples else ""
+    model = svc.pool.names[0]
+    return html.Div([
+        dcc.Store(id="session", data=uuid.uuid4().hex),
+        dcc.Store(id="analysis-job"), dcc.Store(id="head"), dcc.Store(id="stream-id"),
+        dcc.Store(id="stream-cursor", data=0),
+        dcc.Interval(id="analysis-poll", interval=POLL_MS, disabled=True),
+        dcc.Interval(id="stream-poll", interval=POLL_MS, disabled=True),
+        dcc.Interval(id="model-poll", interval=1000, disabled=svc.pool.is_loaded(model)),
+        html.Header([
+            html.H1(["sinkscope", html.Span(" where the model parks its attention", className="sub")]),
+            html.Label(["model", dcc.Dropdown(id="model", options=svc.pool.names, value=model, clearable=False,
+                                              className="model-pick")], className="field"),
+            html.Span(id="model-status", className="status"),
+        ], className="top"),
+        html.Main([
+            html.Section([
+                html.H2("Attention sinks"),
+                html.Div([
+                    dcc.Dropdown(id="prompt-choice", options=[*sample_opts, {"label": "type your own",
+                                                                             "value": TYPED}],
+                                 value=default_sample, clearable=False, className="prompt-pick"),
+                    html.Button("Analyze", id="analyze", n_clicks=0, className="primary"),
+                ], className="row"),
+                dcc.Textarea(id="prompt-text", value=svc.samples[default_sample].text if default_sample != TYPED
+                             else "", className="prompt", placeholder="Type a prompt to analyse"),
+                html.Div(id="analysis-status", className="status", role="status"),
+                html.Div(dcc.Markdown(id="recommendation", children="Analyze a prompt to see where the model "
+                                      "parks its attention and how many sink tokens to keep."), className="card"),
+                _graph("heatmap", 560),
+                html.Div([
+                    html.Span("Click a cell above to see that head's attention map.", className="hint"),
+                    dcc.RadioItems(id="scale", options=[{"label": "linear", "value": "linear"},
+                                                        {"label": "log", "value": "log"}],
+                                   value="linear", inline=True, className="radio"),
+                ], className="row"),
+                _graph("head-map", 540),
+                _graph("sink-curves", 430),
+                _graph("sink-positions", 360),
+            ], className="pane"),
+            html.Section([
+                html.H2("Live stream"),
+                dcc.Textarea(id="stream-prompt", value=stream_text, className="prompt",
+                             placeholder=f"Text to stream (at most {lim.max_prompt_tokens} tokens)"),
+                html.Div([
+                    _number("sinks", "sinks S", 4, 0, None),
+                    _number("window", "window W", 128, 1, lim.max_window),
+                    _number("new-tokens", "new tokens", 128, 0, lim.max_new_tokens),
+                    _number("temperature", "temperature", 0.8, 0, None, step=0.1),
+                ], className="row"),
+                dcc.RadioItems(id="read-mode", options=[
+                    {"label": "read the text token by token (its NLL is the real loss), then generate",
+                     "value": "read"},
+                    {"label": "prefill the text, then generate", "value": "prefill"}],
+                    value="read", className="radio"),
+                html.Div([
+                    html.Button("Start", id="start", n_clicks=0, className="primary"),
+                    html.Button("Stop", id="stop", n_clicks=0),
+                    dcc.Checklist(id="keep-sinks", options=[{"label": "keep sinks (untick to evict them now)",
+                                                             "value": "on"}],
+                                  value=["on"], className="switch"),
+                ], className="row"),
+                html.Div(id="stream-message", className="message", role="alert"),
+                html.Div(id="stream-status", className="status", role="status"),
+                html.Div(html.Div(id="stream-text", className="stream-text", children=[]), className="stream-box"),
+                _graph("stream-chart", 520),
+            ], className="pane"),
+        ], className="panes"),
+    ])
+
+
+# ---------------------------------------------------------------------------------------------- callbacks
+
+
+def _register(app: Dash, svc: Services) -> None:
+    pool, analyses, streams = svc.pool, svc.analyses, svc.streams
+
+    @app.callback(Output("model-status", "children"), Output("model-poll", "disabled"),
+                  Input("model", "value"), Input("model-poll", "n_intervals"))
+    def model_status(model: str, _n: int) -> tuple[str, bool]:
+        if pool.is_loaded(model):
+            lm = pool.get(model)
+            s = lm.spec
+            return f"{s.name}: {s.n_layers} layers x {s.n_heads} heads, {s.dtype} on {s.device}", True
+        if pool.error(model):
+            return pool.error(model) or "", True
+        pool.load_async(model)
+        return f"loading {model} (first use; a GGUF model is converted once, which takes a minute)...", False
+
+    @app.callback(Output("prompt-text", "value"), Input("prompt-choice", "value"), prevent_initial_call=True)
+    def pick_prompt(choice: str) -> str:
+        return svc.samples[choice].text if choice in svc.samples else ""
+
+    @app.callback(Output("analysis-job", "data"), Output("analysis-poll", "disabled"),
+                  Output("analysis-status", "children"),
+                  Input("analyze", "n_clicks"), State("model", "value"), State("prompt-choice", "value"),
+                  State("prompt-text", "value"), prevent_initial_call=True)
+    def start_analysis(_n: int, model: str, choice: str, text: str | None):
+        sample = svc.samples.get(choice)
+        name = choice if sample is not None and sample.text == text else "typed prompt"
+        try:
+            job = analyses.start(model, Prompt(name, text or ""))
+        except DashboardError as exc:
+            return no_update, True, html.Span(str(exc), className="error")
+        return job.id, False, f"analysing {name} on {model}..."
+
+    @app.callback(Output("analysis-status", "children", allow_duplicate=True),
+                  Output("analysis-poll", "disabled", allow_duplicate=True),
+                  Output("heatmap", "figure"), Output("sink-curves", "figure"), Output("sink-positions", "figure"),
+                  Output("recommendation", "children"), Output("head", "data"),
+                  Input("analysis-poll", "n_intervals"), State("analysis-job", "data"), prevent_initial_call=True)
+    def poll_analysis(_n: int, job_id: str | None):
+        keep = (no_update,) * 5
+        job = analyses.get(job_id)
+        if job is None:
+            return (html.Span("This analysis is gone from the server (it restarted); press Analyze again.",
+                              className="error"), True, *keep)
+        if not job.done:
+            what = "loading the model" if not pool.is_loaded(job.model) else f"analysing {job.prompt_name}"
+            return f"{what}... {job.elapsed:.0f} s", False, *keep
+        if job.error:
+            return html.Span(job.error, className="error"), True, *keep
+        p = job.profile
+        assert p is not None
+        layer, head = p.strongest_heads(1)[0]
+        status = (f"{job.prompt_name}: {p.prompts[0].n_tokens} tokens, sink rate {p.sink_rate:.0%}, "
+                  f"analysed in {job.elapsed:.1f} s")
+        return (status, True, plots.first_token_heatmap(p), plots.sink_mass_curves(p),
+                plots.sink_positions_chart(p), recommendation_markdown(p), {"layer": layer, "head": head})
+
+    @app.callback(Output("head", "data", allow_duplicate=True), Input("heatmap", "clickData"),
+                  prevent_initial_call=True)
+    def click_head(click: dict[str, Any] | None):
+        points = (click or {}).get("points") or []
+        if not points or points[0].get("curveNumber", 0) != 0:
+            return no_update
+        return {"layer": int(points[0]["y"]), "head": int(points[0]["x"])}
+
+    @app.callback(Output("head-map", "figure"), Input("head", "data"), Input("scale", "value"),
+                  State("analysis-job", "data"), prevent_initial_call=True)
+    def head_map(head: dict[str, int] | None, scale: str, job_id: str | None):
+        job = analyses.get(job_id)
+        if not head or job is None or job.profile is None:
+            return no_update
+        return plots.attention_map(job.profile, head["layer"], head["head"], log=scale == "log")
+
+    @app.callback(Output("stream-id", "data"), Output("stream-cursor", "data"),
+                  Output("stream-poll", "disabled"), Output("stream-message", "children"),
+                  Output("stream-text", "children"), Output("keep-sinks", "value"),
+                  Input("start", "n_clicks"),
+                  State("session", "data"), State("model", "value"), State("stream-prompt", "value"),
+                  State("sinks", "value"), State("window", "value"), State("new-tokens", "value"),
+                  State("temperature", "value"), State("read-mode", "value"), prevent_initial_call=True)
+    def start_stream(_n, session, model, prompt, sinks, window, new_tokens, temperature, mode):
+        if None in (sinks, window, new_tokens, temperature):
+            return (no_update,) * 3 + ("Fill in S, W, new tokens and temperature with numbers in range.",
+                                       no_update, no_update)
+        try:
+            s = streams.start(session, StreamRequest(
+                model=model, prompt=prompt or "", sinks=int(sinks), window=int(window),
+                max_new_tokens=int(new_tokens), read_prompt=mode == "read", temperature=float(temperature)))
+        except SinkscopeError as exc:
+            return no_update, no_update, no_update, str(exc), no_update, no_update
+        return s.id, 0, False, "", [], ["on"]
+
+    @app.callback(Output("stream-message", "children", allow_duplicate=True), Input("stop", "n_clicks"),
+                  State("session", "data"), prevent_initial_call=True)
+    def stop_stream(_n, session):
+        streams.stop(session, "stopped from the page")
+        return ""
+
+    @app.callback(Output("stream-message", "children", allow_duplicate=True), Input("keep-sinks", "value"),
+                  State("session", "data"), State("stream-id", "data"), prevent_initial_call=True)
+    def switch_sinks(value, session, stream_id):
+        s = streams.set_sinks(session, stream_id, "on" in (value or []))
+        if s is None and ctx.triggered_id == "keep-sinks" and stream_id:
+            return "No stream is running in this page: the switch applies to the next one you start."
+        return ""
+
+    @app.callback(Output("stream-text", "children", allow_duplicate=True), Output("stream-cursor", "data",
+                                                                                   allow_duplicate=True),
+                  Output("stream-status", "children"), Output("stream-chart", "figure"),
+                  Output("stream-poll", "disabled", allow_duplicate=True),
+                  Output("stream-message", "children", allow_duplicate=True),
+                  Input("stream-poll", "n_intervals"), State("session", "data"), State("stream-id", "data"),
+                  State("stream-cursor", "data"), prevent_initial_call=True)
+    def poll_stream(_n, session, stream_id, cursor):
+        s = streams.get(session, stream_id)
+        if s is None:
+            return (no_update, no_update, "", no_update, True,
+                    "This stream is gone from the server (it restarted, or stopped the stream after the page "
+                    "went quiet). Press Start to stream again.")
+        tokens = s.tokens[:]  # a snapshot: the thread keeps appending
+        new = tokens[cursor or 0:]
+        text = Patch()
+        if new:
+            text.extend([_token_span(t) for t in new])
+        info = describe(s)
+        finished = not s.running
+        message = no_update
+        if info["state"] == "error":
+            message = info["error"]
+        elif finished and info["stop_reason"]:
+            message = f"Stream stopped: {info['stop_reason']}."
+        figure = plots.stream_live(tokens) if new or finished else no_update
+        return text if new else no_update, len(tokens), _status(info), figure, finished, message
+
+
+def _token_span(t) -> html.Span:
+    cls = "tok" + ("" if t.sinks_enabled else " off") + (" drift" if t.drift else "") + \
+        (" gen" if t.source == "generated" else "")
+    nll = "-" if t.nll is None else f"{t.nll:.2f}"
+    return html.Span(t.text, className=cls, title=f"step {t.step} · NLL {nll} · cache {t.cache_length}")
+
+
+def _status(info: dict[str, Any]) -> list[Any]:
+    speed = info["tokens_per_second"]
+    drift = "; ".join(info["drift"]) if info["drift"] else "none"
+    parts = [
+        html.Span(info["state"], className=f"badge {info['state']}"),
+        f" {info['tokens']} tokens · cache {info['cache_length']} tokens, {format_bytes(info['cache_bytes'])} · ",
+        f"{speed:.1f} tok/s · " if speed else "",
+        html.Span(f"sinks {'on' if info['sinks_enabled'] else 'EVICTED'}",
+                  className="badge " + ("on" if info["sinks_enabled"] else "off"), id="sinks-badge"),
+        " · drift: ", html.Span(drift, className="badge drift" if info["drift"] else ""),
+    ]
+    return parts
+
+
+def run(app: Dash, host: str = "127.0.0.1", port: int = 8050) -> None:
+    """Serve ``app`` (no debug mode, threaded) until interrupted; stops every stream on the way out."""
+    try:
+        app.run(host=host, port=port, debug=False, threaded=True)
+    finally:
+        app.sinkscope.streams.shutdown()  # type: ignore[attr-defined]
+
+
+__all__ = ["Limits", "create_app", "run"]

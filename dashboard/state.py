@@ -1,0 +1,376 @@
+"""Server-side state of the dashboard: models loaded once, analysis jobs, and one live stream per browser tab.
+
+Everything here runs in the Dash (Flask) server process. Callbacks stay thin: they call these objects and
+turn what comes back into components. Work that takes more than a moment (loading a model, an analysis, a
+stream) runs in a background thread; the page polls it with a ``dcc.Interval``, so a callback never blocks.
+
+Forwards of one model are serialised by that model's lock: analysis switches the attention implementation
+and installs hooks for its duration, which must not leak into a stream's forward, and two streams of one
+model take turns token by token.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import sinkscope
+from sinkscope.analysis import SinkProfile
+from sinkscope.errors import SinkscopeError
+from sinkscope.models import LoadedModel
+from sinkscope.streaming import Streamer
+from sinkscope.streaming.streamer import TokenStats
+
+log = logging.getLogger("sinkscope.dashboard")
+
+
+class DashboardError(SinkscopeError):
+    """A request the dashboard refuses; the message is shown in the page."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Server-side limits, each refusal shown in the page (``sinkscope dashboard --help`` sets them)."""
+
+    max_prompt_tokens: int = 2048  # a stream's prompt
+    max_analysis_tokens: int = 1024  # an analysed prompt (eager capture holds L x H x T x T floats per layer)
+    max_new_tokens: int = 1024  # tokens generated after a stream's prompt
+    max_window: int = 4096
+    max_streams: int = 4  # running at once, all tabs together
+    idle_seconds: float = 15.0  # a stream whose page stopped polling this long is stopped
+
+
+# ------------------------------------------------------------------------------------------------- models
+
+
+class ModelPool:
+    """Loads each model once per process, on first use, and hands out its lock.
+
+    ``sources`` maps a display name to a model source for :func:`sinkscope.load_model` or to an already
+    loaded :class:`LoadedModel` (tests pass tiny models that way).
+    """
+
+    def __init__(self, sources: dict[str, str | LoadedModel], loader: Callable[[str], LoadedModel] | None = None):
+        if not sources:
+            raise DashboardError("no model to show")
+        self._sources = dict(sources)
+        self._loader = loader or (lambda src: sinkscope.load_model(src, progress=False))
+        self._loaded: dict[str, LoadedModel] = {k: v for k, v in sources.items() if isinstance(v, LoadedModel)}
+        self._errors: dict[str, str] = {}
+        self._locks = {name: threading.RLock() for name in sources}
+        self._loading = threading.Lock()
+
+    @property
+    def names(self) -> list[str]:
+        """Model names, the default first."""
+        return list(self._sources)
+
+    def get(self, name: str) -> LoadedModel:
+        """The loaded model (loading it now if needed). Raises DashboardError for an unknown or broken model."""
+        if name not in self._sources:
+            raise DashboardError(f"unknown model {name!r}; this dashboard serves {', '.join(self._sources)}")
+        if name in self._loaded:
+            return self._loaded[name]
+        with self._loading:  # one load at a time: two at once would only compete for memory and cores
+            if name not in self._loaded:
+                if name in self._errors:
+                    raise DashboardError(self._errors[name])
+                try:
+                    self._loaded[name] = self._loader(self._sources[name])  # type: ignore[arg-type]
+                except Exception as exc:  # a broken model must not take the server down
+                    self._errors[name] = f"model {name} failed to load: {exc}"
+                    raise DashboardError(self._errors[name]) from exc
+            return self._loaded[name]
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    def error(self, name: str) -> str | None:
+        """Why the model failed to load, if it did."""
+        return self._errors.get(name)
+
+    def load_async(self, name: str) -> None:
+        """Start loading ``name`` in the background (errors are kept for :meth:`error`)."""
+        if name in self._sources and name not in self._loaded and name not in self._errors:
+            threading.Thread(target=self._try_get, args=(name,), name=f"load-{name}", daemon=True).start()
+
+    def _try_get(self, name: str) -> None:
+        with contextlib.suppress(DashboardError):  # kept in self._errors and shown by the page
+            self.get(name)
+
+    def lock(self, name: str) -> threading.RLock:
+        """The lock every forward of this model holds."""
+        return self._locks[name]
+
+    def count_tokens(self, name: str, text: str) -> int:
+        return len(self.get(name).tokenizer(text).input_ids)
+
+
+# ---------------------------------------------------------------------------------------------- analysis
+
+
+@dataclass
+class AnalysisJob:
+    """One analysis running (or done) in a background thread."""
+
+    id: str
+    model: str
+    prompt_name: str
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    profile: SinkProfile | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+
+class Analyses:
+    """Analysis jobs by id; the last ``keep`` are kept so that head clicks can re-plot from the profile."""
+
+    def __init__(self, pool: ModelPool, limits: Limits, keep: int = 16):
+        self.pool, self.limits, self.keep = pool, limits, keep
+        self._jobs: OrderedDict[str, AnalysisJob] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, model: str, prompt: sinkscope.Prompt) -> AnalysisJob:
+        """Check the request, then analyse in a thread; returns the job at once."""
+        if not prompt.text.strip():
+            raise DashboardError("the prompt is empty: type a text or pick a sample prompt")
+        job = AnalysisJob(id=uuid.uuid4().hex, model=model, prompt_name=prompt.name)
+        with self._lock:
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.keep:
+                self._jobs.popitem(last=False)
+        threading.Thread(target=self._run, args=(job, prompt), name=f"analysis-{job.id[:8]}", daemon=True).start()
+        return job
+
+    def get(self, job_id: str | None) -> AnalysisJob | None:
+        """The job, or None when this server doesn't know it (restarted, or the job was dropped)."""
+        with self._lock:
+            return self._jobs.get(job_id) if job_id else None
+
+    def _run(self, job: AnalysisJob, prompt: sinkscope.Prompt) -> None:
+        try:
+            lm = self.pool.get(job.model)
+            n = len(lm.tokenizer(prompt.text).input_ids)
+            if n > self.limits.max_analysis_tokens:
+                raise DashboardError(f"the prompt has {n} tokens; the dashboard analyses at most "
+                                     f"{self.limits.max_analysis_tokens} (sinkscope report has no such limit)")
+            with self.pool.lock(job.model):
+                job.profile = sinkscope.analyze(lm, prompt, progress=False)
+        except SinkscopeError as exc:
+            job.error = str(exc)
+        except Exception as exc:  # shown in the page; the server and the other sessions carry on
+            log.exception("analysis failed")
+            job.error = f"analysis failed: {type(exc).__name__}: {exc}"
+        finally:
+            job.finished = time.monotonic()
+
+
+# ----------------------------------------------------------------------------------------------- streams
+
+
+@dataclass(frozen=True)
+class StreamRequest:
+    """What the page asks to stream."""
+
+    model: str
+    prompt: str
+    sinks: int
+    window: int
+    max_new_tokens: int
+    read_prompt: bool = True  # feed the prompt token by token (its NLL is the real loss) rather than prefill
+    temperature: float = 0.0
+    seed: int | None = None
+
+
+class Stream:
+    """One running stream: a Streamer driven by a thread, its tokens appended to a list the page polls."""
+
+    def __init__(self, request: StreamRequest, lm: LoadedModel, ids: list[int], pool: ModelPool):
+        self.id = uuid.uuid4().hex
+        self.request = request
+        self.streamer = Streamer(lm, sinks=request.sinks, window=request.window)
+        self.tokens: list[TokenStats] = []
+        self.error: str | None = None
+        self.state = "running"  # running, done, stopped, error
+        self.stop_reason: str | None = None
+        self.last_seen = time.monotonic()
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._ids, self._pool = ids, pool
+        self._thread = threading.Thread(target=self._run, name=f"stream-{self.id[:8]}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, reason: str) -> None:
+        """Ask the thread to stop after the current token."""
+        if self.state == "running":
+            self.stop_reason = reason
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self.state == "running"
+
+    def tokens_per_second(self, last: int = 16) -> float | None:
+        recent = self.tokens[-last:]
+        total_ms = sum(t.latency_ms for t in recent)
+        return 1000 * len(recent) / total_ms if recent and total_ms > 0 else None
+
+    def _tokens(self) -> Iterator[TokenStats]:
+        r = self.request
+        yield from self.streamer.feed(self._ids, chunk=1 if r.read_prompt else None)
+        yield from self.streamer.generate(r.max_new_tokens, temperature=r.temperature, seed=r.seed)
+
+    def _run(self) -> None:
+        lock = self._pool.lock(self.request.model)
+        tokens = self._tokens()
+        try:
+            while not self._stop.is_set():
+                with lock:
+                    tok = next(tokens, None)
+                if tok is None:
+                    break
+                self.tokens.append(tok)
+            self.state = "stopped" if self._stop.is_set() else "done"
+        except SinkscopeError as exc:
+            self.error, self.state = str(exc), "error"
+        except Exception as exc:  # shown in the page; the server and the other sessions carry on
+            log.exception("stream failed")
+            self.error, self.state = f"the stream failed: {type(exc).__name__}: {exc}", "error"
+
+
+class Streams:
+    """At most one stream per browser session (tab), limits on all of them, and a reaper for lost pages."""
+
+    def __init__(self, pool: ModelPool, limits: Limits, reap_every: float = 1.0):
+        self.pool, self.limits = pool, limits
+        self._by_session: dict[str, Stream] = {}
+        self._lock = threading.Lock()
+        self._reaper = threading.Thread(target=self._reap_loop, args=(reap_every,), name="stream-reaper",
+                                        daemon=True)
+        self._reaper.start()
+
+    def start(self, session: str, request: StreamRequest) -> Stream:
+        """Validate ``request`` against the limits and the model, stop the session's old stream, start a new one."""
+        lim = self.limits
+        if not request.prompt.strip():
+            raise DashboardError("the prompt is empty: type a text to stream")
+        if request.sinks < 0:
+            raise DashboardError(f"sinks S must be 0 or more, got {request.sinks}")
+        if not 1 <= request.window <= lim.max_window:
+            raise DashboardError(f"window W must be between 1 and {lim.max_window}, got {request.window}")
+        if not 0 <= request.max_new_tokens <= lim.max_new_tokens:
+            raise DashboardError(f"new tokens must be between 0 and {lim.max_new_tokens}, got "
+                                 f"{request.max_new_tokens}")
+        if request.temperature < 0:
+            raise DashboardError(f"temperature must be 0 or more, got {request.temperature}")
+        with self._lock:
+            old = self._by_session.get(session)
+        if old is not None:  # one stream per page: the old one ends after its current token
+            old.stop("replaced by a new stream")
+            old.join(timeout=30)
+        with self._lock:
+            running = sum(s.running for s in self._by_session.values())
+            if running >= lim.max_streams:
+                raise DashboardError(f"{running} streams are running on this server (the limit is "
+                                     f"{lim.max_streams}); stop one or wait for one to finish")
+        lm = self.pool.get(request.model)
+        ids = lm.tokenizer(request.prompt).input_ids
+        if not ids:
+            raise DashboardError("the prompt is empty after tokenization")
+        if len(ids) > lim.max_prompt_tokens:
+            raise DashboardError(f"the prompt has {len(ids)} tokens; the limit is {lim.max_prompt_tokens}")
+        stream = Stream(request, lm, ids, self.pool)  # SinkCache checks S + W against the model's positions
+        with self._lock:
+            self._by_session[session] = stream
+        stream.start()
+        return stream
+
+    def get(self, session: str | None, stream_id: str | None) -> Stream | None:
+        """The session's stream if it is ``stream_id``; marks the page as alive. None: unknown here."""
+        with self._lock:
+            s = self._by_session.get(session) if session else None
+        if s is None or s.id != stream_id:
+            return None
+        s.last_seen = time.monotonic()
+        return s
+
+    def set_sinks(self, session: str, stream_id: str | None, on: bool) -> Stream | None:
+        s = self.get(session, stream_id)
+        if s is not None:
+            s.streamer.set_sinks(on)
+        return s
+
+    def stop(self, session: str, reason: str = "stopped") -> None:
+        with self._lock:
+            s = self._by_session.get(session)
+        if s is not None:
+            s.stop(reason)
+
+    def running(self) -> list[Stream]:
+        with self._lock:
+            return [s for s in self._by_session.values() if s.running]
+
+    def shutdown(self) -> None:
+        """Stop and forget every stream (server exit; to a page, the same as a restart)."""
+        with self._lock:
+            streams = list(self._by_session.values())
+            self._by_session.clear()
+        for s in streams:
+            s.stop("the server is shutting down")
+        for s in streams:
+            s.join(timeout=10)
+
+    def _reap_loop(self, every: float) -> None:
+        while True:
+            time.sleep(every)
+            self.reap()
+
+    def reap(self) -> None:
+        """Stop streams whose page stopped polling, and forget finished ones of pages that are gone."""
+        now = time.monotonic()
+        with self._lock:
+            items = list(self._by_session.items())
+        for session, s in items:
+            idle = now - s.last_seen
+            if s.running and idle > self.limits.idle_seconds:
+                s.stop(f"its page stopped polling for {idle:.0f} s")
+            elif not s.running and idle > 10 * self.limits.idle_seconds:
+                with self._lock:
+                    if self._by_session.get(session) is s:
+                        del self._by_session[session]
+
+
+def describe(stream: Stream) -> dict[str, Any]:
+    """The status the page shows: state, sinks, cache length and memory, speed, drift."""
+    last = stream.tokens[-1] if stream.tokens else None
+    return {
+        "state": stream.state,
+        "error": stream.error,
+        "stop_reason": stream.stop_reason,
+        "tokens": len(stream.tokens),
+        "sinks_enabled": last.sinks_enabled if last else stream.streamer.sinks_enabled,
+        "cache_length": last.cache_length if last else 0,
+        "cache_bytes": last.cache_bytes if last else 0,
+        "tokens_per_second": stream.tokens_per_second(),
+        "drift": list(last.drift) if last else [],
+    }

@@ -1,0 +1,201 @@
+"""The dashboard in real headless Chromium (dash's ``dash_duo``: the app served from this process, Selenium
+driving Debian's chromium + chromedriver). A tiny random-weight Llama keeps these tests fast; the real
+SmolLM2 is exercised in ``test_dashboard_real_model``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import time
+
+import pytest
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.keys import Keys
+
+from dashboard import Limits, create_app
+
+pytestmark = pytest.mark.browser
+
+TYPED = "The cat sat on the mat. The dog sat on the log. A bird sang in the tree, and the sun rose."
+LIMITS = Limits(max_prompt_tokens=50_000, max_new_tokens=1000, max_analysis_tokens=250)
+
+
+@pytest.fixture(autouse=True)
+def _need_chromium():
+    if shutil.which("chromedriver") is None or shutil.which("chromium") is None:
+        msg = "chromium and chromedriver are not installed (make browser installs Debian's packages)"
+        if os.environ.get("CI"):
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture
+def app(tiny_llama, request):
+    limits = getattr(request, "param", LIMITS)
+    app = create_app({"tiny-llama": tiny_llama}, limits=limits)
+    yield app
+    app.sinkscope.streams.shutdown()
+
+
+def set_value(dash_duo, selector: str, value: str) -> None:
+    """Replace an input's value as a user would (select all, type, Enter: debounced inputs commit on Enter)."""
+    el = dash_duo.find_element(selector)
+    el.send_keys(Keys.CONTROL, "a")
+    el.send_keys(Keys.DELETE)
+    el.send_keys(value)
+    if el.tag_name == "input":
+        el.send_keys(Keys.ENTER)
+
+
+_last_status = ""
+
+
+def status(dash_duo) -> str:
+    global _last_status
+    _last_status = dash_duo.find_element("#stream-status").text
+    return _last_status
+
+
+def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}; status: {_last_status}")
+
+
+def token_count(dash_duo) -> int:
+    return len(dash_duo.find_elements("#stream-text .tok"))
+
+
+def analyse_typed(dash_duo) -> None:
+    dash_duo.select_dcc_dropdown("#prompt-choice", "type your own")
+    set_value(dash_duo, "#prompt-text", TYPED)
+    dash_duo.find_element("#analyze").click()
+    dash_duo.wait_for_contains_text("#analysis-status", "analysed in", timeout=30)
+
+
+def test_page_loads_analysis_renders_and_head_click_updates_the_map(dash_duo, app):
+    dash_duo.start_server(app)
+    dash_duo.wait_for_contains_text("#model-status", "3 layers x 4 heads", timeout=20)
+    analyse_typed(dash_duo)
+    dash_duo.wait_for_element("#heatmap .hm, #heatmap .heatmaplayer", timeout=10)
+    dash_duo.wait_for_contains_text("#recommendation", "Keep", timeout=10)
+    dash_duo.wait_for_contains_text("#head-map .gtitle", "Layer", timeout=10)
+    assert dash_duo.find_elements("#sink-curves .scatterlayer .trace")
+    assert dash_duo.find_elements("#sink-positions .barlayer .trace")
+
+    # Click the top-left cell (layer 0, head 0), then the bottom-right one (layer 2, head 3): 3 x 4 cells.
+    drag = dash_duo.find_element("#heatmap .nsewdrag")
+    w, h = drag.size["width"], drag.size["height"]
+    for (dx, dy), title in (((-3 * w / 8, -h / 3), "Layer 0, head 0"), ((3 * w / 8, h / 3), "Layer 2, head 3")):
+        ActionChains(dash_duo.driver).move_to_element(drag).move_by_offset(int(dx), int(dy)).click().perform()
+        dash_duo.wait_for_contains_text("#head-map .gtitle", title, timeout=10)
+
+    dash_duo.find_element("#scale input[value='log']").click()
+    dash_duo.wait_for_contains_text("#head-map .gtitle", "(log)", timeout=10)
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()
+
+
+def test_stream_shows_tokens_arriving_and_the_switch_changes_the_cache(dash_duo, app):
+    dash_duo.start_server(app)
+    dash_duo.find_element("#start").click()  # the default text (a long sample), S = 4, W = 128
+    wait_until(lambda: token_count(dash_duo) > 0, what="first tokens")
+    first = token_count(dash_duo)
+    wait_until(lambda: token_count(dash_duo) > first + 20, what="more tokens")  # arriving, not in one block
+    wait_until(lambda: "cache 131 tokens" in status(dash_duo), what="a full cache (S + W - 1 = 131)")
+    assert "sinks on" in status(dash_duo)
+
+    dash_duo.find_element("#keep-sinks input").click()  # evict the sinks mid-stream
+    wait_until(lambda: "cache 127 tokens" in status(dash_duo), what="the cache without its 4 sinks")
+    assert "sinks EVICTED" in status(dash_duo)
+    wait_until(lambda: dash_duo.find_elements("#stream-text .tok.off"), what="tokens streamed without sinks")
+
+    dash_duo.find_element("#keep-sinks input").click()  # and back: re-prefilled
+    wait_until(lambda: "cache 131 tokens" in status(dash_duo), what="the sinks back")
+    assert "sinks on" in status(dash_duo)
+
+    dash_duo.find_element("#stop").click()
+    wait_until(lambda: "stopped" in status(dash_duo), what="the stream to stop")
+    assert not app.sinkscope.streams.running()
+    wait_until(lambda: dash_duo.find_elements("#stream-chart .scatterlayer .trace"), what="the live chart")
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()
+
+
+def test_two_tabs_stream_independently(dash_duo, app):
+    dash_duo.start_server(app)
+    driver = dash_duo.driver
+    dash_duo.find_element("#start").click()
+    wait_until(lambda: "cache 131 tokens" in status(dash_duo), what="tab 1 streaming with W = 128")
+    first_tab = driver.current_window_handle
+
+    driver.switch_to.new_window("tab")
+    # Switch explicitly: under load, the new tab may not have become the driver's target yet.
+    wait_until(lambda: len(driver.window_handles) == 2, what="a second tab")
+    driver.switch_to.window(next(h for h in driver.window_handles if h != first_tab))
+    driver.get(dash_duo.server_url)
+    set_value(dash_duo, "#window", "32")
+    dash_duo.find_element("#start").click()
+    wait_until(lambda: "cache 35 tokens" in status(dash_duo), what="tab 2 streaming with W = 32")
+    dash_duo.find_element("#keep-sinks input").click()
+    wait_until(lambda: "cache 31 tokens" in status(dash_duo), what="tab 2 without sinks")
+    assert len(app.sinkscope.streams.running()) == 2
+
+    driver.switch_to.window(first_tab)
+    before = token_count(dash_duo)
+    wait_until(lambda: token_count(dash_duo) > before, what="tab 1 still streaming")
+    assert "cache 131 tokens" in status(dash_duo) and "sinks on" in status(dash_duo)  # untouched by tab 2
+    dash_duo.find_element("#stop").click()
+    wait_until(lambda: len(app.sinkscope.streams.running()) == 1, what="only tab 1's stream to stop")
+
+
+QUICK_REAPER = dataclasses.replace(LIMITS, idle_seconds=4.0)
+
+
+@pytest.mark.parametrize("app", [QUICK_REAPER], indirect=True)
+def test_a_stream_stops_when_its_page_goes_away(dash_duo, app):
+    dash_duo.start_server(app)
+    dash_duo.find_element("#start").click()
+    wait_until(lambda: token_count(dash_duo) > 0, what="tokens")
+    (stream,) = app.sinkscope.streams.running()
+    dash_duo.driver.get("about:blank")
+    wait_until(lambda: not stream.running, timeout=QUICK_REAPER.idle_seconds + 10,
+               what="the reaper to stop the orphaned stream")
+    assert "stopped polling" in stream.stop_reason
+
+
+def test_bad_input_is_explained_in_the_page(dash_duo, app):
+    dash_duo.start_server(app)
+    set_value(dash_duo, "#stream-prompt", " ")
+    dash_duo.find_element("#start").click()
+    dash_duo.wait_for_contains_text("#stream-message", "the prompt is empty", timeout=10)
+
+    set_value(dash_duo, "#stream-prompt", TYPED)
+    set_value(dash_duo, "#window", "300")  # S + W = 304 > the tiny model's 256 positions
+    dash_duo.find_element("#start").click()
+    dash_duo.wait_for_contains_text("#stream-message", "256 positions", timeout=10)
+
+    set_value(dash_duo, "#window", "64")
+    dash_duo.find_element("#start").click()  # the page is still usable
+    wait_until(lambda: token_count(dash_duo) > 0, what="a stream after the refusals")
+    dash_duo.wait_for_text_to_equal("#stream-message", "", timeout=10)
+
+    dash_duo.select_dcc_dropdown("#prompt-choice", "type your own")
+    set_value(dash_duo, "#prompt-text", "x" * 400)  # past --max-analysis-tokens (250 here)
+    dash_duo.find_element("#analyze").click()
+    dash_duo.wait_for_contains_text("#analysis-status", "at most 250", timeout=20)
+
+
+def test_server_restart_mid_stream_is_explained(dash_duo, app):
+    dash_duo.start_server(app)
+    dash_duo.find_element("#start").click()
+    wait_until(lambda: token_count(dash_duo) > 0, what="tokens")
+    app.sinkscope.streams.shutdown()  # what a restart looks like to the page: its stream is unknown
+    dash_duo.wait_for_contains_text("#stream-message", "gone from the server", timeout=10)
+    dash_duo.find_element("#start").click()  # and it can start again
+    dash_duo.wait_for_text_to_equal("#stream-message", "", timeout=10)
+    wait_until(lambda: "running" in status(dash_duo), what="a new stream")
