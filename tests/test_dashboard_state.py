@@ -121,3 +121,27 @@ def test_cli_refuses_a_port_in_use(capsys):
         port = busy.getsockname()[1]
         code = main(["dashboard", "--port", str(port)])
     assert_one_line_error(code, capsys.readouterr().err, f"can't listen on 127.0.0.1:{port}")
+
+
+def test_model_lock_serves_waiters_in_order():
+    """A thread that re-takes the lock in a loop (a stream, token by token) can't starve another waiter."""
+    import threading
+
+    from dashboard.state import FairLock
+
+    lock, stop, got = FairLock(), threading.Event(), []
+
+    def hog():
+        while not stop.is_set():
+            with lock:
+                time.sleep(0.001)
+
+    t = threading.Thread(target=hog)
+    t.start()
+    time.sleep(0.05)
+    start = time.monotonic()
+    with lock:
+        got.append(time.monotonic() - start)
+    stop.set()
+    t.join()
+    assert got[0] < 0.5
