@@ -237,22 +237,24 @@ def _register(app: Dash, svc: Services) -> None:
 
     @app.callback(Output("stream-id", "data"), Output("stream-cursor", "data"),
                   Output("stream-poll", "disabled"), Output("stream-message", "children"),
-                  Output("stream-text", "children"), Output("keep-sinks", "value"),
+                  Output("stream-text", "children"),
                   Input("start", "n_clicks"),
                   State("session", "data"), State("model", "value"), State("stream-prompt", "value"),
                   State("sinks", "value"), State("window", "value"), State("new-tokens", "value"),
-                  State("temperature", "value"), State("read-mode", "value"), prevent_initial_call=True)
-    def start_stream(_n, session, model, prompt, sinks, window, new_tokens, temperature, mode):
+                  State("temperature", "value"), State("read-mode", "value"), State("keep-sinks", "value"),
+                  prevent_initial_call=True)
+    def start_stream(_n, session, model, prompt, sinks, window, new_tokens, temperature, mode, keep):
         if None in (sinks, window, new_tokens, temperature):
             return (no_update,) * 3 + ("Fill in S, W, new tokens and temperature with numbers in range.",
-                                       no_update, no_update)
+                                       no_update)
         try:
             s = streams.start(session, StreamRequest(
                 model=model, prompt=prompt or "", sinks=int(sinks), window=int(window),
                 max_new_tokens=int(new_tokens), read_prompt=mode == "read", temperature=float(temperature)))
         except SinkscopeError as exc:
-            return no_update, no_update, no_update, str(exc), no_update, no_update
-        return s.id, 0, False, "", [], ["on"]
+            return no_update, no_update, no_update, str(exc), no_update
+        s.streamer.set_sinks("on" in (keep or []))  # the switch as the page shows it (applied from token S on)
+        return s.id, 0, False, "", []
 
     @app.callback(Output("stream-message", "children", allow_duplicate=True), Input("stop", "n_clicks"),
                   State("session", "data"), prevent_initial_call=True)
@@ -265,7 +267,7 @@ def _register(app: Dash, svc: Services) -> None:
     def switch_sinks(value, session, stream_id):
         s = streams.set_sinks(session, stream_id, "on" in (value or []))
         if s is None and ctx.triggered_id == "keep-sinks" and stream_id:
-            return "No stream is running in this page: the switch applies to the next one you start."
+            return "No stream is running in this page: the switch will apply to the next one you start."
         return ""
 
     @app.callback(Output("stream-text", "children", allow_duplicate=True), Output("stream-cursor", "data",

@@ -199,3 +199,22 @@ def test_server_restart_mid_stream_is_explained(dash_duo, app):
     dash_duo.find_element("#start").click()  # and it can start again
     dash_duo.wait_for_text_to_equal("#stream-message", "", timeout=10)
     wait_until(lambda: "running" in status(dash_duo), what="a new stream")
+
+
+@pytest.mark.real
+def test_real_smollm2_analysis_and_stream(dash_duo, smollm2):
+    """The README's dashboard on the real default model: an analysis renders, a stream runs and switches."""
+    app = create_app({"smollm2-135m": smollm2})
+    try:
+        dash_duo.start_server(app)
+        dash_duo.wait_for_contains_text("#model-status", "30 layers x 9 heads", timeout=30)
+        analyse_typed(dash_duo)
+        dash_duo.wait_for_contains_text("#head-map .gtitle", "Layer", timeout=30)
+        set_value(dash_duo, "#window", "32")
+        dash_duo.find_element("#start").click()
+        wait_until(lambda: "cache 35 tokens" in status(dash_duo), timeout=120, what="a full S + W - 1 cache")
+        dash_duo.find_element("#keep-sinks input").click()
+        wait_until(lambda: "cache 31 tokens" in status(dash_duo), timeout=60, what="the sinks evicted")
+        assert dash_duo.get_logs() == [], dash_duo.get_logs()
+    finally:
+        app.sinkscope.streams.shutdown()

@@ -145,3 +145,38 @@ def test_model_lock_serves_waiters_in_order():
     stop.set()
     t.join()
     assert got[0] < 0.5
+
+
+def test_cli_serves_the_dashboard_until_interrupted(llama_dir):
+    """`sinkscope dashboard` on a model directory: prints its URL, serves the page, stops on SIGINT."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "sinkscope", "dashboard", "--model", str(llama_dir), "--port",
+                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/" in line, line + proc.stderr.read()
+        for _ in range(100):  # the server starts listening just after the line is printed
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as page:
+                    assert page.status == 200 and "sinkscope" in page.read().decode()
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the dashboard did not answer")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert "Traceback" not in proc.stderr.read()
