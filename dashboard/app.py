@@ -31,6 +31,7 @@ TYPED = "__typed__"
 DEFAULT_SAMPLE = "prose"  # analysed on first click: short enough to take a few seconds on a CPU
 STREAM_SAMPLE = "long-document"  # streamed by default: long enough to run far past the window
 POLL_MS = 400
+CHART_EVERY = 16  # tokens between two redraws of the live chart
 
 
 @dataclass
@@ -295,7 +296,10 @@ def _register(app: Dash, svc: Services) -> None:
             message = info["error"]
         elif finished and info["stop_reason"]:
             message = f"Stream stopped: {info['stop_reason']}."
-        figure = plots.stream_live(tokens) if new or finished else no_update
+        # The chart is rebuilt every CHART_EVERY tokens, not every poll: a figure of thousands of points per
+        # poll would cost the server more than the model's forward.
+        redraw = finished or (new and (cursor or 0) // CHART_EVERY != len(tokens) // CHART_EVERY)
+        figure = plots.stream_live(tokens) if redraw else no_update
         return text if new else no_update, len(tokens), _status(info), figure, finished, message
 
 

@@ -68,6 +68,14 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}; status: {_last_status}")
 
 
+def switch_sinks(dash_duo, on: bool) -> None:
+    """Tick or untick "keep sinks" (a JS click: no coordinates to miss while the page grows)."""
+    box = dash_duo.find_element("#keep-sinks input")
+    if box.is_selected() != on:
+        dash_duo.driver.execute_script("arguments[0].click();", box)
+    wait_until(lambda: dash_duo.find_element("#keep-sinks input").is_selected() == on, what="the box to change")
+
+
 def token_count(dash_duo) -> int:
     return len(dash_duo.find_elements("#stream-text .tok"))
 
@@ -110,12 +118,12 @@ def test_stream_shows_tokens_arriving_and_the_switch_changes_the_cache(dash_duo,
     wait_until(lambda: "cache 131 tokens" in status(dash_duo), what="a full cache (S + W - 1 = 131)")
     assert "sinks on" in status(dash_duo)
 
-    dash_duo.find_element("#keep-sinks input").click()  # evict the sinks mid-stream
+    switch_sinks(dash_duo, False)  # evict the sinks mid-stream
     wait_until(lambda: "cache 127 tokens" in status(dash_duo), what="the cache without its 4 sinks")
     assert "sinks EVICTED" in status(dash_duo)
     wait_until(lambda: dash_duo.find_elements("#stream-text .tok.off"), what="tokens streamed without sinks")
 
-    dash_duo.find_element("#keep-sinks input").click()  # and back: re-prefilled
+    switch_sinks(dash_duo, True)  # and back: re-prefilled
     wait_until(lambda: "cache 131 tokens" in status(dash_duo), what="the sinks back")
     assert "sinks on" in status(dash_duo)
 
@@ -141,7 +149,7 @@ def test_two_tabs_stream_independently(dash_duo, app):
     set_value(dash_duo, "#window", "32")
     dash_duo.find_element("#start").click()
     wait_until(lambda: "cache 35 tokens" in status(dash_duo), what="tab 2 streaming with W = 32")
-    dash_duo.find_element("#keep-sinks input").click()
+    switch_sinks(dash_duo, False)
     wait_until(lambda: "cache 31 tokens" in status(dash_duo), what="tab 2 without sinks")
     assert len(app.sinkscope.streams.running()) == 2
 
@@ -213,7 +221,7 @@ def test_real_smollm2_analysis_and_stream(dash_duo, smollm2):
         set_value(dash_duo, "#window", "32")
         dash_duo.find_element("#start").click()
         wait_until(lambda: "cache 35 tokens" in status(dash_duo), timeout=120, what="a full S + W - 1 cache")
-        dash_duo.find_element("#keep-sinks input").click()
+        switch_sinks(dash_duo, False)
         wait_until(lambda: "cache 31 tokens" in status(dash_duo), timeout=60, what="the sinks evicted")
         assert dash_duo.get_logs() == [], dash_duo.get_logs()
     finally:
