@@ -495,8 +495,8 @@ def stream_live(tokens: Any, span: int = 32) -> go.Figure:
     if rows and any(not r["sinks_enabled"] for r in rows):  # a legend entry for the shading
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="sinks evicted",
                                  marker=dict(size=10, symbol="square", color=SINK_COLOR, opacity=0.3)), row=1, col=1)
-    _layout(fig, "Live stream", 520, legend=dict(orientation="h", x=0, y=1.06, yanchor="bottom"),
-            margin=dict(l=60, r=20, t=70, b=40), uirevision="stream")
+    _layout(fig, "", 520, legend=dict(orientation="h", x=0, y=1.02, yanchor="bottom"),
+            margin=dict(l=60, r=20, t=40, b=40), uirevision="stream")
     fig.update_yaxes(title_text="nats", row=1, col=1)
     fig.update_yaxes(title_text="tokens", rangemode="tozero", row=2, col=1)
     fig.update_yaxes(title_text="MiB", rangemode="tozero", row=3, col=1)
