@@ -68,6 +68,12 @@ def wait_until(predicate, timeout: float = 60.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}; status: {_last_status}")
 
 
+def press(dash_duo, selector: str) -> None:
+    """Click a button with a JS click: a busy page (thousands of token spans, a chart redrawn every 16 tokens)
+    can drop a pointer click that lands while it re-lays out."""
+    dash_duo.driver.execute_script("arguments[0].click();", dash_duo.find_element(selector))
+
+
 def switch_sinks(dash_duo, on: bool) -> None:
     """Tick or untick "keep sinks" (a JS click: no coordinates to miss while the page grows)."""
     box = dash_duo.find_element("#keep-sinks input")
@@ -83,7 +89,7 @@ def token_count(dash_duo) -> int:
 def analyse_typed(dash_duo) -> None:
     dash_duo.select_dcc_dropdown("#prompt-choice", "type your own")
     set_value(dash_duo, "#prompt-text", TYPED)
-    dash_duo.find_element("#analyze").click()
+    press(dash_duo, "#analyze")
     dash_duo.wait_for_contains_text("#analysis-status", "analysed in", timeout=30)
 
 
@@ -111,7 +117,7 @@ def test_page_loads_analysis_renders_and_head_click_updates_the_map(dash_duo, ap
 
 def test_stream_shows_tokens_arriving_and_the_switch_changes_the_cache(dash_duo, app):
     dash_duo.start_server(app)
-    dash_duo.find_element("#start").click()  # the default text (a long sample), S = 4, W = 128
+    press(dash_duo, "#start")  # the default text (a long sample), S = 4, W = 128
     wait_until(lambda: token_count(dash_duo) > 0, what="first tokens")
     first = token_count(dash_duo)
     wait_until(lambda: token_count(dash_duo) > first + 20, what="more tokens")  # arriving, not in one block
@@ -127,7 +133,7 @@ def test_stream_shows_tokens_arriving_and_the_switch_changes_the_cache(dash_duo,
     wait_until(lambda: "cache 131 tokens" in status(dash_duo), what="the sinks back")
     assert "sinks on" in status(dash_duo)
 
-    dash_duo.find_element("#stop").click()
+    press(dash_duo, "#stop")
     wait_until(lambda: "stopped" in status(dash_duo), what="the stream to stop")
     assert not app.sinkscope.streams.running()
     wait_until(lambda: dash_duo.find_elements("#stream-chart .scatterlayer .trace"), what="the live chart")
@@ -137,7 +143,7 @@ def test_stream_shows_tokens_arriving_and_the_switch_changes_the_cache(dash_duo,
 def test_two_tabs_stream_independently(dash_duo, app):
     dash_duo.start_server(app)
     driver = dash_duo.driver
-    dash_duo.find_element("#start").click()
+    press(dash_duo, "#start")
     wait_until(lambda: "cache 131 tokens" in status(dash_duo), what="tab 1 streaming with W = 128")
     first_tab = driver.current_window_handle
 
@@ -147,7 +153,7 @@ def test_two_tabs_stream_independently(dash_duo, app):
     driver.switch_to.window(next(h for h in driver.window_handles if h != first_tab))
     driver.get(dash_duo.server_url)
     set_value(dash_duo, "#window", "32")
-    dash_duo.find_element("#start").click()
+    press(dash_duo, "#start")
     wait_until(lambda: "cache 35 tokens" in status(dash_duo), what="tab 2 streaming with W = 32")
     switch_sinks(dash_duo, False)
     wait_until(lambda: "cache 31 tokens" in status(dash_duo), what="tab 2 without sinks")
@@ -157,7 +163,7 @@ def test_two_tabs_stream_independently(dash_duo, app):
     before = token_count(dash_duo)
     wait_until(lambda: token_count(dash_duo) > before, what="tab 1 still streaming")
     assert "cache 131 tokens" in status(dash_duo) and "sinks on" in status(dash_duo)  # untouched by tab 2
-    dash_duo.find_element("#stop").click()
+    press(dash_duo, "#stop")
     wait_until(lambda: len(app.sinkscope.streams.running()) == 1, what="only tab 1's stream to stop")
 
 
@@ -167,7 +173,7 @@ QUICK_REAPER = dataclasses.replace(LIMITS, idle_seconds=4.0)
 @pytest.mark.parametrize("app", [QUICK_REAPER], indirect=True)
 def test_a_stream_stops_when_its_page_goes_away(dash_duo, app):
     dash_duo.start_server(app)
-    dash_duo.find_element("#start").click()
+    press(dash_duo, "#start")
     wait_until(lambda: token_count(dash_duo) > 0, what="tokens")
     (stream,) = app.sinkscope.streams.running()
     dash_duo.driver.get("about:blank")
@@ -179,32 +185,32 @@ def test_a_stream_stops_when_its_page_goes_away(dash_duo, app):
 def test_bad_input_is_explained_in_the_page(dash_duo, app):
     dash_duo.start_server(app)
     set_value(dash_duo, "#stream-prompt", " ")
-    dash_duo.find_element("#start").click()
+    press(dash_duo, "#start")
     dash_duo.wait_for_contains_text("#stream-message", "the prompt is empty", timeout=10)
 
     set_value(dash_duo, "#stream-prompt", TYPED)
     set_value(dash_duo, "#window", "300")  # S + W = 304 > the tiny model's 256 positions
-    dash_duo.find_element("#start").click()
+    press(dash_duo, "#start")
     dash_duo.wait_for_contains_text("#stream-message", "256 positions", timeout=10)
 
     set_value(dash_duo, "#window", "64")
-    dash_duo.find_element("#start").click()  # the page is still usable
+    press(dash_duo, "#start")  # the page is still usable
     wait_until(lambda: token_count(dash_duo) > 0, what="a stream after the refusals")
     dash_duo.wait_for_text_to_equal("#stream-message", "", timeout=10)
 
     dash_duo.select_dcc_dropdown("#prompt-choice", "type your own")
     set_value(dash_duo, "#prompt-text", "x" * 400)  # past --max-analysis-tokens (250 here)
-    dash_duo.find_element("#analyze").click()
+    press(dash_duo, "#analyze")
     dash_duo.wait_for_contains_text("#analysis-status", "at most 250", timeout=20)
 
 
 def test_server_restart_mid_stream_is_explained(dash_duo, app):
     dash_duo.start_server(app)
-    dash_duo.find_element("#start").click()
+    press(dash_duo, "#start")
     wait_until(lambda: token_count(dash_duo) > 0, what="tokens")
     app.sinkscope.streams.shutdown()  # what a restart looks like to the page: its stream is unknown
     dash_duo.wait_for_contains_text("#stream-message", "gone from the server", timeout=10)
-    dash_duo.find_element("#start").click()  # and it can start again
+    press(dash_duo, "#start")  # and it can start again
     dash_duo.wait_for_text_to_equal("#stream-message", "", timeout=10)
     wait_until(lambda: "running" in status(dash_duo), what="a new stream")
 
@@ -219,7 +225,7 @@ def test_real_smollm2_analysis_and_stream(dash_duo, smollm2):
         analyse_typed(dash_duo)
         dash_duo.wait_for_contains_text("#head-map .gtitle", "Layer", timeout=30)
         set_value(dash_duo, "#window", "32")
-        dash_duo.find_element("#start").click()
+        press(dash_duo, "#start")
         wait_until(lambda: "cache 35 tokens" in status(dash_duo), timeout=120, what="a full S + W - 1 cache")
         switch_sinks(dash_duo, False)
         wait_until(lambda: "cache 31 tokens" in status(dash_duo), timeout=60, what="the sinks evicted")
