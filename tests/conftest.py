@@ -183,13 +183,18 @@ def sink_llama(tok_bos):
     return loaded(build_sink_llama(tok_bos), tok_bos, "sink-llama")
 
 
+def saved_model_dir(tmp_path_factory, name: str, model, *, add_bos: bool) -> Path:
+    """``model`` and a character tokenizer saved as a Hugging Face directory (what a user passes as a path)."""
+    d = tmp_path_factory.mktemp(name)
+    model.save_pretrained(d)
+    make_char_tokenizer(add_bos=add_bos).save_pretrained(d)
+    return d
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory):
     """The tiny Llama saved as a Hugging Face directory with its tokenizer (max_position_embeddings 256)."""
-    d = tmp_path_factory.mktemp("tiny-llama")
-    build_llama().save_pretrained(d)
-    make_char_tokenizer(add_bos=True).save_pretrained(d)
-    return d
+    return saved_model_dir(tmp_path_factory, "tiny-llama", build_llama(), add_bos=True)
 
 
 def real_model(name: str):

@@ -26,7 +26,7 @@ from conftest import (
     build_gpt2,
     char_vocab,
     loaded,
-    make_char_tokenizer,
+    saved_model_dir,
 )
 from test_cli import assert_one_line_error
 
@@ -528,10 +528,7 @@ def test_stream_eval_html_renders_in_chromium(ev: StreamEval, tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-gpt2")
-    build_gpt2().save_pretrained(d)
-    make_char_tokenizer(add_bos=False).save_pretrained(d)
-    return d
+    return saved_model_dir(tmp_path_factory, "tiny-gpt2", build_gpt2(), add_bos=False)
 
 
 @pytest.fixture(scope="module")
