@@ -277,9 +277,13 @@ def _register(app: Dash, svc: Services) -> None:
                   Output("stream-poll", "disabled", allow_duplicate=True),
                   Output("stream-message", "children", allow_duplicate=True),
                   Input("stream-poll", "n_intervals"), State("session", "data"), State("stream-id", "data"),
-                  State("stream-cursor", "data"), prevent_initial_call=True)
-    def poll_stream(_n, session, stream_id, cursor):
+                  State("stream-cursor", "data"), State("keep-sinks", "value"), prevent_initial_call=True)
+    def poll_stream(_n, session, stream_id, cursor, keep):
         s = streams.get(session, stream_id)
+        if s is not None:
+            # Every poll also carries the switch as the page shows it, so the stream converges to the box even
+            # if the switch's own request was lost (seen under load in headless Chromium).
+            s.streamer.set_sinks("on" in (keep or []))
         if s is None:
             return (no_update, no_update, "", no_update, True,
                     "This stream is gone from the server (it restarted, or stopped the stream after the page "
