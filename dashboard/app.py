@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import plotly.graph_objects as go
-from dash import Dash, Input, Output, Patch, State, ctx, dcc, html, no_update
+from dash import Dash, Input, Output, Patch, State, dcc, html, no_update
 
 from sinkscope import plots
 from sinkscope.errors import SinkscopeError
@@ -153,6 +153,7 @@ def _layout(svc: Services) -> html.Div:
                                   value=["on"], className="switch"),
                 ], className="row"),
                 html.Div(id="stream-message", className="message", role="alert"),
+                html.Span(id="stop-ack", hidden=True), html.Span(id="switch-ack", hidden=True),
                 html.Div(id="stream-status", className="status", role="status"),
                 html.Div(html.Div(id="stream-text", className="stream-text", children=[]), className="stream-box"),
                 _graph("stream-chart", 520),
@@ -257,19 +258,20 @@ def _register(app: Dash, svc: Services) -> None:
         s.streamer.set_sinks("on" in (keep or []))  # the switch as the page shows it (applied from token S on)
         return s.id, 0, False, "", []
 
-    @app.callback(Output("stream-message", "children", allow_duplicate=True), Input("stop", "n_clicks"),
-                  State("session", "data"), prevent_initial_call=True)
-    def stop_stream(_n, session):
+    # The stop and switch callbacks write outputs of their own: sharing one with the poll callback, which is
+    # nearly always in flight, let the Dash renderer drop their requests under load.
+    @app.callback(Output("stop-ack", "children"), Input("stop", "n_clicks"), State("session", "data"),
+                  prevent_initial_call=True)
+    def stop_stream(n, session):
         streams.stop(session, "stopped from the page")
-        return ""
+        return str(n)
 
-    @app.callback(Output("stream-message", "children", allow_duplicate=True), Input("keep-sinks", "value"),
+    @app.callback(Output("switch-ack", "children"), Input("keep-sinks", "value"),
                   State("session", "data"), State("stream-id", "data"), prevent_initial_call=True)
     def switch_sinks(value, session, stream_id):
-        s = streams.set_sinks(session, stream_id, "on" in (value or []))
-        if s is None and ctx.triggered_id == "keep-sinks" and stream_id:
-            return "No stream is running in this page: the switch will apply to the next one you start."
-        return ""
+        on = "on" in (value or [])
+        streams.set_sinks(session, stream_id, on)
+        return "on" if on else "off"
 
     @app.callback(Output("stream-text", "children", allow_duplicate=True), Output("stream-cursor", "data",
                                                                                    allow_duplicate=True),

@@ -140,31 +140,52 @@ def test_stream_shows_tokens_arriving_and_the_switch_changes_the_cache(dash_duo,
     assert dash_duo.get_logs() == [], dash_duo.get_logs()
 
 
-def test_two_tabs_stream_independently(dash_duo, app):
+def second_browser():
+    """Another headless Chromium: a second user with a session of their own."""
+    from selenium import webdriver
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = os.environ.get("DASH_TEST_CHROMEPATH", "/usr/bin/chromium")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update"):
+        opts.add_argument(flag)
+    return webdriver.Chrome(options=opts)
+
+
+def test_two_sessions_stream_independently(dash_duo, app):
+    from selenium.webdriver.common.by import By
+
     dash_duo.start_server(app)
-    driver = dash_duo.driver
     press(dash_duo, "#start")
-    wait_until(lambda: "cache 131 tokens" in status(dash_duo), what="tab 1 streaming with W = 128")
-    first_tab = driver.current_window_handle
+    wait_until(lambda: "cache 131 tokens" in status(dash_duo), what="session 1 streaming with W = 128")
 
-    driver.switch_to.new_window("tab")
-    # Switch explicitly: under load, the new tab may not have become the driver's target yet.
-    wait_until(lambda: len(driver.window_handles) == 2, what="a second tab")
-    driver.switch_to.window(next(h for h in driver.window_handles if h != first_tab))
-    driver.get(dash_duo.server_url)
-    set_value(dash_duo, "#window", "32")
-    press(dash_duo, "#start")
-    wait_until(lambda: "cache 35 tokens" in status(dash_duo), what="tab 2 streaming with W = 32")
-    switch_sinks(dash_duo, False)
-    wait_until(lambda: "cache 31 tokens" in status(dash_duo), what="tab 2 without sinks")
-    assert len(app.sinkscope.streams.running()) == 2
+    other = second_browser()
+    try:
+        other.get(dash_duo.server_url)
 
-    driver.switch_to.window(first_tab)
-    before = token_count(dash_duo)
-    wait_until(lambda: token_count(dash_duo) > before, what="tab 1 still streaming")
-    assert "cache 131 tokens" in status(dash_duo) and "sinks on" in status(dash_duo)  # untouched by tab 2
-    press(dash_duo, "#stop")
-    wait_until(lambda: len(app.sinkscope.streams.running()) == 1, what="only tab 1's stream to stop")
+        def other_status() -> str:
+            found = other.find_elements(By.ID, "stream-status")
+            return found[0].text if found else ""
+
+        wait_until(lambda: other.find_elements(By.ID, "window"), what="the second page")
+        box = other.find_element(By.ID, "window")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(Keys.DELETE)
+        box.send_keys("32", Keys.ENTER)
+        other.execute_script("arguments[0].click();", other.find_element(By.ID, "start"))
+        wait_until(lambda: "cache 35 tokens" in other_status(), what="session 2 streaming with W = 32")
+        other.execute_script("arguments[0].click();", other.find_element(By.CSS_SELECTOR, "#keep-sinks input"))
+        wait_until(lambda: "cache 31 tokens" in other_status(), what="session 2 without sinks")
+        assert len(app.sinkscope.streams.running()) == 2
+
+        before = token_count(dash_duo)
+        wait_until(lambda: token_count(dash_duo) > before, what="session 1 still streaming")
+        assert "cache 131 tokens" in status(dash_duo) and "sinks on" in status(dash_duo)  # untouched
+        press(dash_duo, "#stop")
+        wait_until(lambda: "stopped" in status(dash_duo), what="session 1 to stop")
+        assert "running" in other_status()  # session 2 goes on
+    finally:
+        other.quit()
 
 
 QUICK_REAPER = dataclasses.replace(LIMITS, idle_seconds=4.0)
