@@ -79,10 +79,9 @@ def _graph(id_: str, height: int) -> dcc.Graph:
     return dcc.Graph(id=id_, figure=_placeholder(height), config={"displaylogo": False})
 
 
-def _placeholder(height: int, text: str = "") -> go.Figure:
+def _placeholder(height: int) -> go.Figure:
     fig = go.Figure()
-    fig.update_layout(template=plots.TEMPLATE, height=height, xaxis=dict(visible=False), yaxis=dict(visible=False),
-                      annotations=[dict(text=text, showarrow=False, font=dict(color="#888"))] if text else [])
+    fig.update_layout(template=plots.TEMPLATE, height=height, xaxis=dict(visible=False), yaxis=dict(visible=False))
     return fig
 
 

@@ -132,8 +132,6 @@ class ModelPool:
         """The lock every forward of this model holds."""
         return self._locks[name]
 
-    def count_tokens(self, name: str, text: str) -> int:
-        return len(self.get(name).tokenizer(text).input_ids)
 
 
 # ---------------------------------------------------------------------------------------------- analysis
@@ -232,7 +230,6 @@ class Stream:
         self.state = "running"  # running, done, stopped, error
         self.stop_reason: str | None = None
         self.last_seen = time.monotonic()
-        self.started = time.monotonic()
         self._stop = threading.Event()
         self._ids, self._pool = ids, pool
         self._thread = threading.Thread(target=self._run, name=f"stream-{self.id[:8]}", daemon=True)
