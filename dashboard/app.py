@@ -153,6 +153,7 @@ def _layout(svc: Services) -> html.Div:
                 ], className="row"),
                 html.Div(id="stream-message", className="message", role="alert"),
                 html.Span(id="stop-ack", hidden=True), html.Span(id="switch-ack", hidden=True),
+                dcc.Store(id="stop-base", data=0),
                 html.Div(id="stream-status", className="status", role="status"),
                 html.Div(html.Div(id="stream-text", className="stream-text", children=[]), className="stream-box"),
                 _graph("stream-chart", 520),
@@ -238,24 +239,25 @@ def _register(app: Dash, svc: Services) -> None:
 
     @app.callback(Output("stream-id", "data"), Output("stream-cursor", "data"),
                   Output("stream-poll", "disabled"), Output("stream-message", "children"),
-                  Output("stream-text", "children"),
+                  Output("stream-text", "children"), Output("stop-base", "data"),
                   Input("start", "n_clicks"),
                   State("session", "data"), State("model", "value"), State("stream-prompt", "value"),
                   State("sinks", "value"), State("window", "value"), State("new-tokens", "value"),
                   State("temperature", "value"), State("read-mode", "value"), State("keep-sinks", "value"),
-                  prevent_initial_call=True)
-    def start_stream(_n, session, model, prompt, sinks, window, new_tokens, temperature, mode, keep):
+                  State("stop", "n_clicks"), prevent_initial_call=True)
+    def start_stream(_n, session, model, prompt, sinks, window, new_tokens, temperature, mode, keep, stops):
         if None in (sinks, window, new_tokens, temperature):
             return (no_update,) * 3 + ("Fill in S, W, new tokens and temperature with numbers in range.",
-                                       no_update)
+                                       no_update, no_update)
         try:
             s = streams.start(session, StreamRequest(
                 model=model, prompt=prompt or "", sinks=int(sinks), window=int(window),
                 max_new_tokens=int(new_tokens), read_prompt=mode == "read", temperature=float(temperature)))
         except SinkscopeError as exc:
-            return no_update, no_update, no_update, str(exc), no_update
+            return no_update, no_update, no_update, str(exc), no_update, no_update
         s.streamer.set_sinks("on" in (keep or []))  # the switch as the page shows it (applied from token S on)
-        return s.id, 0, False, "", []
+        # Stop clicks up to now belong to earlier streams; the poll stops this one once the count passes them.
+        return s.id, 0, False, "", [], stops or 0
 
     # The stop and switch callbacks write outputs of their own: sharing one with the poll callback, which is
     # nearly always in flight, let the Dash renderer drop their requests under load.
@@ -278,13 +280,16 @@ def _register(app: Dash, svc: Services) -> None:
                   Output("stream-poll", "disabled", allow_duplicate=True),
                   Output("stream-message", "children", allow_duplicate=True),
                   Input("stream-poll", "n_intervals"), State("session", "data"), State("stream-id", "data"),
-                  State("stream-cursor", "data"), State("keep-sinks", "value"), prevent_initial_call=True)
-    def poll_stream(_n, session, stream_id, cursor, keep):
+                  State("stream-cursor", "data"), State("keep-sinks", "value"), State("stop", "n_clicks"),
+                  State("stop-base", "data"), prevent_initial_call=True)
+    def poll_stream(_n, session, stream_id, cursor, keep, stops, stop_base):
         s = streams.get(session, stream_id)
         if s is not None:
-            # Every poll also carries the switch as the page shows it, so the stream converges to the box even
-            # if the switch's own request was lost (seen under load in headless Chromium).
+            # Every poll also carries the switch and the Stop clicks as the page shows them, so the stream obeys
+            # the page even if the switch's or Stop's own request was lost (seen under load in headless Chromium).
             s.streamer.set_sinks("on" in (keep or []))
+            if (stops or 0) > (stop_base or 0):
+                s.stop("stopped from the page")
         if s is None:
             return (no_update, no_update, "", no_update, True,
                     "This stream is gone from the server (it restarted, or stopped the stream after the page "
