@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .capture import capture, pool_map
+from .capture import DEFAULT_BLOCK_BYTES, capture, capture_stats, pool_map, stats_supported
 from .errors import CaptureError, ConfigError, PromptError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
@@ -25,6 +25,8 @@ DEFAULT_SHARE = 0.95
 DEFAULT_MAP_SIZE = 96
 N_SINK_POSITIONS = 8
 DEFAULT_TOLERANCE = 0.05  # validated recommendation: within 5% of the best streaming perplexity
+STATS_FROM_TOKENS = 1024  # mode="auto": prompts longer than this are measured in statistics mode
+MODES = ("auto", "maps", "stats")
 
 
 @dataclass
@@ -63,6 +65,8 @@ class PromptResult:
     entropy: np.ndarray  # [L, H]
     sink_positions: list[SinkPosition]
     attention: AttentionMaps | None = None
+    capture: str = "maps"  # how it was measured: "maps" (eager whole maps) or "stats" (statistics mode)
+    beyond_context: bool = False  # longer than the model's trained context
 
 
 @dataclass
@@ -155,7 +159,8 @@ class SinkProfile:
             **self.extra,  # first, so that extra keys can never replace a key of the contract
             "schema": SCHEMA,
             "model": self.model.to_dict(),
-            "prompts": [{"name": p.name, "n_tokens": p.n_tokens} for p in self.prompts],
+            "prompts": [{"name": p.name, "n_tokens": p.n_tokens, "capture": p.capture,
+                         "beyond_context": p.beyond_context} for p in self.prompts],
             "settings": {**self.settings, "k_max": self.k_max, "threshold": self.threshold},
             "layers": self.layers,
             "first_token_mass": _round(self.first_token_mass),
@@ -385,7 +390,7 @@ def recommend_from_stream_eval(stream_eval: Any, tolerance: float = DEFAULT_TOLE
 def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str | Prompt], *,
             tokenizer: Any = None, k_max: int = DEFAULT_K, max_tokens: int | None = None,
             layers: Sequence[int] | None = None, map_size: int | None = DEFAULT_MAP_SIZE,
-            share: float = DEFAULT_SHARE, threshold: float = metrics.SINK_THRESHOLD,
+            share: float = DEFAULT_SHARE, threshold: float = metrics.SINK_THRESHOLD, mode: str = "auto",
             progress: bool = True) -> SinkProfile:
     """Measure where ``model`` parks its attention on ``prompts`` and recommend a sink count.
 
@@ -394,12 +399,22 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
             (e.g. ``"smollm2-135m"``), or a Hugging Face causal LM (then pass ``tokenizer``).
         prompts: a text, a :class:`Prompt`, or a list of either.
         k_max: K, the number of leading tokens measured (queries before K are left out).
-        max_tokens: truncate each prompt to this many tokens (default: the model's context).
+        max_tokens: truncate each prompt to this many tokens (default: the model's context). With rotary
+            positions a longer value than the context is allowed: the model then runs past its trained
+            positions, and every prompt that does is flagged ``beyond_context``.
         layers: analyse only these layers (default: all).
         map_size: keep each head's attention map pooled to at most this many bins per side (None: keep none).
         share: the recommendation's target share of the first-K mass.
         threshold: first-token mass above which a head is a sink head.
+        mode: ``"maps"`` captures whole eager attention maps (T x T per head, for short prompts);
+            ``"stats"`` computes the same numbers in statistics mode (SDPA forward plus block-wise
+            statistics, no T x T map: long prompts); ``"auto"`` (default) uses statistics mode for prompts
+            longer than ``STATS_FROM_TOKENS`` when the model supports it. Each prompt records its mode.
         progress: show a progress bar.
+
+    Raises:
+        ConfigError: bad settings, or a prompt that would not fit in memory (with the largest length that
+            does); nothing has run then.
     """
     lm = _as_loaded(model, tokenizer)
     spec = lm.spec
@@ -408,31 +423,63 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
     if max_tokens is not None:
         if max_tokens < k_max + 1:
             raise ConfigError(f"max_tokens must be at least K + 1 = {k_max + 1}, got {max_tokens}")
-        if spec.max_positions and max_tokens > spec.max_positions:
-            raise ConfigError(f"max_tokens {max_tokens} is beyond {spec.name}'s context of {spec.max_positions}")
+        # Rotary positions extend past the trained context (the numbers then describe an untrained regime,
+        # and each prompt says so); learned position tables simply end.
+        if spec.max_positions and max_tokens > spec.max_positions and spec.positional != "rope":
+            raise ConfigError(f"max_tokens {max_tokens} is beyond {spec.name}'s context of {spec.max_positions} "
+                              f"({spec.positional} positions can't go further)")
     if not 0 < share <= 1:
         raise ConfigError(f"share must be in (0, 1], got {share}")
+    if mode not in MODES:
+        raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    unsupported = stats_supported(lm.model)
+    if mode == "stats" and unsupported:
+        raise ConfigError(f"statistics mode can't run on {spec.name}: {unsupported}; use mode='maps'")
     items = as_prompts(prompts)
     encoded = [_encode(lm, p, max_tokens, k_max) for p in items]
     layer_list = _layer_list(layers, spec.n_layers)
-    _check_memory(spec, max(int(ids.shape[1]) for ids in encoded), next(lm.model.parameters()).device)
+    modes = [_mode_for(mode, int(ids.shape[1]), unsupported) for ids in encoded]
+    device = next(lm.model.parameters()).device
+    for m, ids in zip(modes, encoded, strict=True):
+        _check_memory(spec, int(ids.shape[1]), device, m, stats_ok=not unsupported)
 
     from tqdm.auto import tqdm
 
+    n_stats = modes.count("stats")
+    desc = f"analyzing {spec.name}" + (f" ({n_stats} long prompt{'s' * (n_stats > 1)} in statistics mode)"
+                                       if n_stats else "")
     total = sum(len(layer_list) for _ in encoded)
-    with tqdm(total=total, desc=f"analyzing {spec.name}", unit="layer", disable=not progress,
-              leave=False) as bar:
-        results = [_analyze_one(lm, p, ids, k_max, layer_list, map_size, bar) for p, ids in zip(items, encoded,
-                                                                                               strict=True)]
+    with tqdm(total=total, desc=desc, unit="layer", disable=not progress, leave=False) as bar:
+        results = [_analyze_one(lm, p, ids, k_max, layer_list, map_size, bar, m)
+                   for p, ids, m in zip(items, encoded, modes, strict=True)]
     ftm = np.mean([r.first_token_mass for r in results], axis=0)
     sm = np.mean([r.sink_mass for r in results], axis=0)
     chance = float(np.mean([metrics.chance_mass(r.n_tokens, k_max) for r in results]))
     rec = recommend_from_attention(sm, ftm, threshold=threshold, share=share, chance=chance)
     settings = {"dtype": spec.dtype, "device": spec.device, "max_tokens": max_tokens, "map_size": map_size,
-                "capture": "eager attention, forward hooks, per-layer reduction",
-                "local_window": metrics.LOCAL_WINDOW}
+                "mode": mode, "capture": _capture_text(modes), "local_window": metrics.LOCAL_WINDOW}
+    if mode == "auto":
+        settings["stats_from_tokens"] = STATS_FROM_TOKENS
     return SinkProfile(model=spec, prompts=results, layers=layer_list, k_max=k_max, settings=settings,
                        recommendation=rec, threshold=threshold)
+
+
+_CAPTURE_TEXT = {"maps": "whole maps: eager attention, forward hooks, per-layer reduction",
+                 "stats": "statistics mode: SDPA forward, exact per-head statistics in blocks of query rows, "
+                          "no T x T maps"}
+
+
+def _capture_text(modes: list[str]) -> str:
+    used = sorted(set(modes), key=modes.index)
+    if len(used) == 1:
+        return _CAPTURE_TEXT[used[0]]
+    return "; ".join(f"{_CAPTURE_TEXT[m]} ({modes.count(m)} prompts)" for m in used)
+
+
+def _mode_for(mode: str, n_tokens: int, unsupported: str | None) -> str:
+    if mode != "auto":
+        return mode
+    return "stats" if n_tokens > STATS_FROM_TOKENS and not unsupported else "maps"
 
 
 def _as_loaded(model: Any, tokenizer: Any) -> LoadedModel:
@@ -463,7 +510,7 @@ def _layer_list(layers: Sequence[int] | None, n: int) -> list[int]:
 
 
 def _encode(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int) -> torch.Tensor:
-    ids = lm.tokenizer(prompt.text, return_tensors="pt").input_ids
+    ids = lm.tokenizer(prompt.text, return_tensors="pt", truncation=False).input_ids
     limit = max_tokens or lm.spec.max_positions
     if limit and ids.shape[1] > limit:
         ids = ids[:, :limit]
@@ -476,11 +523,22 @@ def _encode(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int)
 # Eager attention holds about four [heads, T, T] float32 tensors at once at its peak (scores, masked
 # scores, probabilities, and the pooling pass over them).
 _EAGER_COPIES = 4
+# Statistics mode's peak beyond the weights, per token: the forward's own activations (hidden states, the MLP's
+# up/gate projections, q/k/v) in float32, about this many hidden-size vectors' worth; measured on SmolLM2.
+_STATS_ACTIVATION_VECTORS = 24
 
 
-def capture_bytes(spec: ModelSpec, n_tokens: int) -> int:
-    """Estimated peak extra memory of capturing one layer's attention for a prompt of ``n_tokens``."""
-    return _EAGER_COPIES * spec.n_heads * n_tokens * n_tokens * 4
+def capture_bytes(spec: ModelSpec, n_tokens: int, mode: str = "maps") -> int:
+    """Estimated peak memory, beyond the weights, of measuring a prompt of ``n_tokens`` in ``mode``.
+
+    ``maps``: one layer's eager attention maps. ``stats``: the forward's activations, the attention mask
+    of sliding-window layers (a T x T boolean), and the blocks of query rows.
+    """
+    if mode == "maps":
+        return _EAGER_COPIES * spec.n_heads * n_tokens * n_tokens * 4
+    hidden = spec.n_heads * spec.head_dim
+    mask = n_tokens * n_tokens if spec.sliding_window and n_tokens > spec.sliding_window else 0
+    return _STATS_ACTIVATION_VECTORS * n_tokens * hidden * 4 + mask + 2 * DEFAULT_BLOCK_BYTES
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -496,27 +554,35 @@ def _available_bytes(device: torch.device) -> int | None:
     return None  # unknown: don't guess
 
 
-def _check_memory(spec: ModelSpec, n_tokens: int, device: torch.device) -> None:
-    need, free = capture_bytes(spec, n_tokens), _available_bytes(device)
+def _check_memory(spec: ModelSpec, n_tokens: int, device: torch.device, mode: str = "maps",
+                  stats_ok: bool = False) -> None:
+    need, free = capture_bytes(spec, n_tokens, mode), _available_bytes(device)
     if free is None or need <= 0.9 * free:
         return
-    fits = int((0.9 * free / (_EAGER_COPIES * spec.n_heads * 4)) ** 0.5)
-    raise ConfigError(f"capturing attention over {n_tokens} tokens needs about {need / 2**30:.1f} GiB and "
-                      f"{free / 2**30:.1f} GiB is free on {device}; pass --max-tokens {fits} or less")
+    lo, hi = 0, n_tokens  # the largest length that fits: capture_bytes grows with the length
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if capture_bytes(spec, mid, mode) <= 0.9 * free else (lo, mid - 1)
+    fits = lo
+    hint = f"pass --max-tokens {fits} or less"
+    if mode == "maps" and stats_ok:
+        hint += " (or use statistics mode: --mode stats, which needs no T x T maps)"
+    raise ConfigError(f"measuring attention over {n_tokens} tokens in {mode} mode needs about "
+                      f"{need / 2**30:.1f} GiB and {free / 2**30:.1f} GiB is free on {device}; {hint}")
 
 
 def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int, layers: list[int],
-                 map_size: int | None, bar: Any) -> PromptResult:
+                 map_size: int | None, bar: Any, mode: str = "maps") -> PromptResult:
     spec, t = lm.spec, ids.shape[1]
     n_l, n_h = len(layers), spec.n_heads
     ftm, ent = np.zeros((n_l, n_h)), np.zeros((n_l, n_h))
     sm = np.zeros((n_l, n_h, k_max))
     received = np.zeros(t)
     row_of = {layer: i for i, layer in enumerate(layers)}
-    pooled: list[torch.Tensor | None] = [None] * n_l
+    pooled: list[Any] = [None] * n_l
     bins: list[tuple[int, int]] = []
 
-    def on_layer(layer: int, probs: torch.Tensor) -> None:
+    def on_map(layer: int, probs: torch.Tensor) -> None:
         nonlocal bins
         p, i = probs[0], row_of[layer]
         ftm[i] = metrics.first_token_mass(p, k_max)
@@ -524,12 +590,26 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         ent[i] = metrics.entropy(p, k_max)
         received[:] += metrics.received_mass(p, k_max).total
         if map_size:
-            pooled[i], bins = pool_map(p, map_size)
+            m, bins = pool_map(p, map_size)
+            pooled[i] = m.cpu().numpy()
+        bar.update(1)
+
+    def on_stats(layer: int, st: metrics.LayerStats) -> None:
+        nonlocal bins
+        i = row_of[layer]
+        ftm[i], sm[i], ent[i] = st.first_token_mass, st.sink_mass, st.entropy
+        received[:] += st.received.total
+        if map_size:
+            pooled[i], bins = st.pooled, st.bins or []
         bar.update(1)
 
     base = getattr(lm.model, "base_model", None) or lm.model  # skip the LM head: logits are T x vocab floats
     device = next(lm.model.parameters()).device
-    with capture(lm.model, layers=layers, keep_maps=False, on_layer=on_layer), torch.no_grad():
+    if mode == "stats":
+        block = capture_stats(lm.model, k_max=k_max, layers=layers, map_size=map_size, on_layer=on_stats)
+    else:
+        block = capture(lm.model, layers=layers, keep_maps=False, on_layer=on_map)
+    with block, torch.no_grad():
         base(input_ids=ids.to(device), use_cache=False)
 
     id_list = ids[0].tolist()
@@ -540,11 +620,12 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         missing = [layers[i] for i, m in enumerate(pooled) if m is None]
         if missing:
             raise CaptureError(f"layers {missing[:5]} produced no attention during the forward pass")
-        maps = torch.stack(pooled).cpu().numpy().astype(np.float32)  # type: ignore[arg-type]
+        maps = np.stack(pooled).astype(np.float32)
         labels = [_bin_label(tokens, a, b) for a, b in bins]
         attention = AttentionMaps(maps=maps, bins=bins, labels=labels)
     return PromptResult(name=prompt.name, n_tokens=t, tokens=tokens, first_token_mass=ftm, sink_mass=sm,
-                        entropy=ent, sink_positions=positions, attention=attention)
+                        entropy=ent, sink_positions=positions, attention=attention, capture=mode,
+                        beyond_context=bool(spec.max_positions and t > spec.max_positions))
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:

@@ -1,18 +1,26 @@
-"""Capture per-layer, per-head attention probabilities with forward hooks.
+"""Capture per-layer, per-head attention: whole maps with forward hooks, or exact statistics without them.
 
-Fast attention kernels (SDPA, flash) never form the probability matrix, so while hooks are installed the
-model is switched to the eager implementation, which returns it as the second output of every attention
-module; the user's implementation is restored when the block exits, also on error.
+Two ways in:
 
-Two ways to consume what the hooks see:
+* :func:`capture` (whole maps). Fast attention kernels (SDPA, flash) never form the probability matrix, so
+  while hooks are installed the model is switched to the eager implementation, which returns it as the second
+  output of every attention module. Keep maps (whole, or pooled to at most ``pool`` x ``pool`` for display)
+  in :attr:`Capture.maps`, or pass ``on_layer``, a reduction called with each layer's probabilities as soon as
+  that layer has run. Eager attention costs O(heads x T^2) memory per layer and is slow past a few thousand
+  tokens.
+* :func:`capture_stats` (statistics mode, for long prompts). A registered attention function receives each
+  layer's rotated queries, keys and values and computes the probabilities one block of query rows at a
+  time: the block feeds :class:`sinkscope.metrics.ChunkedStats` and, multiplied by the values, gives the
+  layer's output (so the forward costs one attention, not SDPA's plus ours). Nothing of size T x T is ever
+  held; the metrics are the same numbers as from whole maps (exact, not sampled).
 
-* keep maps (whole, or pooled to at most ``pool`` x ``pool`` for display) in :attr:`Capture.maps`;
-* pass ``on_layer``, a reduction called with each layer's probabilities as soon as that layer has run,
-  and keep nothing: memory then holds one layer's maps at a time instead of all of them.
+Either way the user's attention implementation is restored when the block exits, also on error.
 """
 
 from __future__ import annotations
 
+import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import CaptureError
+from .metrics import LOCAL_WINDOW, ChunkedStats, LayerStats
 
 LayerCallback = Callable[[int, torch.Tensor], None]
 _ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
@@ -153,22 +162,240 @@ def capture(model: nn.Module, *, layers: Sequence[int] | None = None, heads: Seq
 @contextmanager
 def eager_attention(model: nn.Module) -> Iterator[None]:
     """Switch ``model`` to eager attention inside the block and restore its own choice afterwards."""
+    with _attention_implementation(model, "eager"):
+        yield
+
+
+@contextmanager
+def _attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
     config = model.config
     original = getattr(config, "_attn_implementation", None)
-    if original in (None, "eager"):
+    if original == name or (original is None and name == "eager"):
         yield
         return
     setter = getattr(model, "set_attn_implementation", None)
     if setter is None:
-        raise CaptureError(f"{type(model).__name__} can't switch to eager attention to expose probabilities")
+        raise CaptureError(f"{type(model).__name__} can't switch its attention implementation to {name}")
     try:
-        setter("eager")
-    except (ValueError, ImportError) as exc:
-        raise CaptureError(f"can't switch {type(model).__name__} to eager attention: {exc}") from exc
+        setter(name)
+    except (ValueError, ImportError, KeyError) as exc:
+        raise CaptureError(f"can't switch {type(model).__name__} to {name} attention: {exc}") from exc
     try:
         yield
     finally:
         setter(original)
+
+
+# ------------------------------------------------------------------------------------------ statistics mode
+
+STATS_IMPLEMENTATION = "sinkscope_stats"
+DEFAULT_BLOCK_BYTES = 64 * 2**20  # score + probability blocks per layer: a few L3-sized slabs, not T x T
+
+
+@dataclass
+class StatsCapture:
+    """What a :func:`capture_stats` block measured: ``stats[layer]`` for every captured layer."""
+
+    layers: list[int]
+    k_max: int
+    stats: dict[int, LayerStats] = field(default_factory=dict)
+    tokens: int | None = None
+
+
+class _Buffers:
+    """Float32 scratch buffers shared by the layers of one capture (layers run one after another)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.device != device or buf.dtype != dtype:
+            buf = self._bufs[name] = torch.empty(n, dtype=dtype, device=device)
+        return buf
+
+    def shaped(self, device: torch.device) -> Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor]:
+        """``get`` as a lender of shaped tensors on ``device`` (for :class:`ChunkedStats`)."""
+        def lend(name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+            return self.get(name, math.prod(shape), device, dtype)[: math.prod(shape)].view(shape)
+        return lend
+
+
+class _LayerJob:
+    """Statistics of one attention module for the forward pass in flight."""
+
+    def __init__(self, layer: int, k_max: int, map_size: int | None, local: int, block_bytes: int,
+                 done: Callable[[int, LayerStats], None], buffers: _Buffers | None = None) -> None:
+        self.layer, self.k_max, self.map_size, self.local = layer, k_max, map_size, local
+        self.block_bytes, self.done = block_bytes, done
+        self.buffers = buffers or _Buffers()
+
+    def observe(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+                scaling: float | None, softcap: float | None) -> torch.Tensor:
+        """Measure the layer and return its attention output ``[1, T, heads, D]`` (what eager attention gives):
+        the probabilities are formed anyway, so one more product gives the output and SDPA is not needed."""
+        b, h, t_q, d = query.shape
+        h_kv, t = key.shape[1], key.shape[2]
+        if t_q != t:
+            raise CaptureError("statistics capture needs the whole prompt in one forward pass without a KV cache "
+                               f"(got {t_q} queries against {t} keys)")
+        if b != 1:
+            raise CaptureError(f"statistics capture takes one sequence per forward pass, got a batch of {b}")
+        if t <= self.k_max:
+            raise CaptureError(f"the prompt has {t} tokens; statistics need at least K + 1 = {self.k_max + 1}")
+        group = h // h_kv
+        scale = scaling if scaling is not None else d ** -0.5
+        bins = pool_bins(t, self.map_size) if self.map_size else None
+        acc = ChunkedStats(h, t, self.k_max, local=self.local, bins=bins, device=query.device,
+                           scratch=self.buffers.shaped(query.device))
+        keys_t = key[0].float().transpose(-1, -2).contiguous()  # [kv heads, D, T]: a contiguous GEMM operand
+        values = value[0].float()
+        queries = (query[0].float() * scale).view(h_kv, group, t, d)
+        out = torch.empty(t, h, d, dtype=query.dtype, device=query.device)
+        floats = max(h * t, self.block_bytes // 8)  # two float32 blocks (scores, probabilities); one row at least
+        # Two buffers reused for every block: a fresh allocation of this size per block costs more in page
+        # faults than the softmax itself.
+        score_buf = self.buffers.get("scores", floats, query.device)
+        prob_buf = self.buffers.get("probs", floats, query.device)
+        low = torch.finfo(torch.float32).min  # a finite "minus infinity": 0 * low stays 0 in the entropy sum
+        causal: torch.Tensor | None = None
+        q0 = 0
+        while q0 < t:
+            # Causal blocks only need keys up to their last row, so early blocks can take more rows: the
+            # largest c with c * (q0 + c) <= floats / h.
+            budget = floats // h
+            c = max(1, min(t - q0, int((math.isqrt(q0 * q0 + 4 * budget) - q0) // 2)))
+            q1 = q0 + c
+            q = queries[:, :, q0:q1].reshape(h_kv, group * c, d)
+            scores = score_buf[: h * c * q1].view(h_kv, group * c, q1)
+            torch.matmul(q, keys_t[:, :, :q1], out=scores)  # query heads of a KV group share its keys
+            scores = scores.view(h, c, q1)
+            if softcap is not None:
+                scores.div_(softcap).tanh_().mul_(softcap)
+            if mask is None:
+                if causal is None or causal.shape[0] != c:
+                    causal = torch.ones(c, c, dtype=torch.bool, device=scores.device).triu_(1)
+                scores[:, :, q0:q1].masked_fill_(causal, low)
+            else:
+                m = mask[0, :, q0:q1, :q1]
+                scores.masked_fill_(~m if m.dtype == torch.bool else m < low / 2, low)
+            probs = prob_buf[: h * c * q1].view(h, c, q1)
+            torch.ops.aten._softmax.out(scores, -1, False, out=probs)
+            # Entropy without a logarithm per entry: H = log Z - sum(p * s), where the row maximum m has
+            # p = exp(m) / Z, so log Z = m - log(max p). (float32 error ~1e-6 nats for |s| ~ 30.)
+            top = scores.amax(-1)
+            entropy = top.sub_(probs.amax(-1).log_()).sub_(scores.mul_(probs).sum(-1))
+            acc.add(probs, q0, entropy)
+            o = torch.matmul(probs.view(h_kv, group * c, q1), values[:, :q1])  # [kv, group * c, D]
+            out[q0:q1] = o.view(h, c, d).transpose(0, 1)
+            q0 = q1
+        self.done(self.layer, acc.finish())
+        return out.unsqueeze(0)
+
+
+_jobs: dict[int, _LayerJob] = {}  # id(attention module) -> job, for the modules inside a capture_stats block
+_jobs_lock = threading.Lock()
+_registered = False
+
+
+def _stats_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                     attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                     **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Statistics and output for modules inside a :func:`capture_stats` block, plain SDPA for the others."""
+    job = _jobs.get(id(module))
+    if job is not None and not (module.training and dropout > 0):
+        with torch.no_grad():
+            out = job.observe(query.detach(), key.detach(), value.detach(), attention_mask, scaling,
+                              kwargs.get("softcap"))
+        return out, None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  **kwargs)
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(STATS_IMPLEMENTATION, _stats_attention)
+    # The same masks as SDPA: none at all for plain causal attention, so SDPA keeps its fast causal kernels.
+    AttentionMaskInterface.register(STATS_IMPLEMENTATION, sdpa_mask)
+    _registered = True
+
+
+def stats_supported(model: nn.Module) -> str | None:
+    """Why :func:`capture_stats` can't run on ``model`` (None when it can)."""
+    cfg = getattr(model, "config", None)
+    text = getattr(cfg, "text_config", None) or cfg
+    if getattr(text, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping (Gemma-2 style) is not supported by statistics mode"
+    if getattr(model, "set_attn_implementation", None) is None:
+        return f"{type(model).__name__} can't switch its attention implementation"
+    return None
+
+
+@contextmanager
+def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | None = None,
+                  map_size: int | None = None, local: int = LOCAL_WINDOW, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                  on_layer: Callable[[int, LayerStats], None] | None = None) -> Iterator[StatsCapture]:
+    """Statistics mode: exact per-head sink metrics of every forward pass in the block, no T x T maps kept.
+
+    Args:
+        model: a Hugging Face causal LM whose attention goes through transformers' attention interface
+            (Llama, Gemma, Mistral, Qwen, GPT-2 ...). Run one sequence per forward pass, without a KV cache.
+        k_max: K, the number of leading tokens measured (see :mod:`sinkscope.metrics`).
+        layers: layer indices to measure (default: all). Negative indices count from the end.
+        map_size: also pool every head's map to at most this many bins per side (:func:`pool_map`'s bins).
+        local: queries this close to a key are left out of the received mass.
+        block_bytes: memory for one block of query rows (scores and probabilities); smaller is leaner, not
+            less exact.
+        on_layer: called as ``on_layer(layer, stats)`` as soon as a layer is done.
+
+    Example::
+
+        with sinkscope.capture_stats(model, k_max=8) as cap:
+            model.model(input_ids=ids, use_cache=False)
+        cap.stats[0].first_token_mass  # [heads]
+    """
+    why = stats_supported(model)
+    if why:
+        raise CaptureError(f"{why}; capture whole maps instead (sinkscope.capture, or analyze(mode='maps'))")
+    if block_bytes < 1:
+        raise CaptureError(f"block_bytes must be positive, got {block_bytes}")
+    modules = find_attention_modules(model)
+    n = len(modules)
+    selected = sorted({_check_index(i, n, "layer") for i in layers}) if layers is not None else list(range(n))
+    cap = StatsCapture(layers=selected, k_max=k_max)
+
+    def done(layer: int, stats: LayerStats) -> None:
+        cap.stats[layer] = stats
+        cap.tokens = len(stats.received.total)
+        if on_layer is not None:
+            on_layer(layer, stats)
+
+    _register()
+    buffers = _Buffers()
+    mine = {id(modules[i]): _LayerJob(i, k_max, map_size, local, block_bytes, done, buffers) for i in selected}
+    with _jobs_lock:
+        busy = set(mine) & set(_jobs)
+        if busy:
+            raise CaptureError("this model is already inside a capture_stats block (in another thread?)")
+        _jobs.update(mine)
+    try:
+        with _attention_implementation(model, STATS_IMPLEMENTATION):
+            yield cap
+    finally:
+        with _jobs_lock:
+            for key in mine:
+                _jobs.pop(key, None)
+    missing = [i for i in selected if i not in cap.stats]
+    if cap.stats and missing:
+        raise CaptureError(f"layers {missing[:5]} never reached sinkscope's attention function; "
+                           f"{type(model).__name__} is not supported by statistics mode (use whole maps)")
 
 
 def _check_index(i: int, n: int, what: str) -> int:
@@ -185,6 +412,14 @@ def bin_edges(length: int, size: int) -> list[tuple[int, int]]:
     return [(edges[i], edges[i + 1]) for i in range(size)]
 
 
+def pool_bins(length: int, size: int) -> list[tuple[int, int]]:
+    """The bins of :func:`pool_map`: one per token up to ``size`` tokens, else position 0 alone and
+    ``size - 1`` near-equal bins over the rest."""
+    if length <= size:
+        return [(i, i + 1) for i in range(length)]
+    return [(0, 1), *[(a + 1, b + 1) for a, b in bin_edges(length - 1, size - 1)]]
+
+
 def pool_map(probs: torch.Tensor, size: int) -> tuple[torch.Tensor, list[tuple[int, int]]]:
     """Pool ``[..., q, k]`` attention to at most ``size`` x ``size`` bins.
 
@@ -195,9 +430,9 @@ def pool_map(probs: torch.Tensor, size: int) -> tuple[torch.Tensor, list[tuple[i
     t_q, t_k = probs.shape[-2], probs.shape[-1]
     if t_q != t_k:
         raise CaptureError("pool_map expects square (self-attention) maps")
-    if t_q <= size:
-        return probs, [(i, i + 1) for i in range(t_q)]
-    bins = [(0, 1), *[(a + 1, b + 1) for a, b in bin_edges(t_q - 1, size - 1)]]
+    bins = pool_bins(t_q, size)
+    if len(bins) == t_q:
+        return probs, bins
     # Bin-membership matrices: summing keys and averaging queries are two matrix products, which BLAS does
     # fast and without a T x T temporary.
     member = torch.zeros(len(bins), t_q, dtype=probs.dtype, device=probs.device)

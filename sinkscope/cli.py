@@ -13,6 +13,7 @@ from . import __version__
 from .errors import ConfigError, SinkscopeError
 
 if TYPE_CHECKING:
+    from .analysis import SinkProfile
     from .models import LoadedModel
     from .streaming.streamer import TokenStats
 
@@ -125,7 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("--prompt-file", action="append", default=None, metavar="F",
                        help="a UTF-8 text file to analyse; repeat for several (default: sample_prompts/*.txt)")
     p_rep.add_argument("--max-tokens", type=int, default=None, metavar="N",
-                       help="truncate each prompt to N tokens (default: the model's context)")
+                       help="truncate each prompt to N tokens (default: the model's context; with rotary positions "
+                            "N may exceed it, and the report flags such prompts)")
+    p_rep.add_argument("--mode", choices=["auto", "maps", "stats"], default="auto",
+                       help="how attention is measured: maps = whole eager maps (short prompts), stats = "
+                            "statistics mode (SDPA forward plus exact block-wise statistics, no T x T maps: long "
+                            "prompts), auto = stats for prompts over 1024 tokens (default)")
     p_rep.add_argument("--k-max", type=_positive_int, default=8, metavar="K",
                        help="measure the first K tokens as sink candidates (default: 8)")
     p_rep.add_argument("--out", default=None, metavar="DIR",
@@ -300,7 +306,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         prepare_stream_eval(lm, text, sinks=args.sinks or (*DEFAULT_SINKS, args.k_max), window=window,
                             tokens=tokens, modes=modes)
     profile = analyze(lm, prompts, k_max=args.k_max, max_tokens=args.max_tokens, layers=args.layers,
-                      map_size=args.map_size, share=args.share, threshold=args.threshold,
+                      map_size=args.map_size, share=args.share, threshold=args.threshold, mode=args.mode,
                       progress=not args.quiet)
     if args.validate:
         profile.validate(lm, text, sinks=args.sinks, window=window, tokens=tokens, modes=modes,
@@ -309,6 +315,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     rec = profile.recommendation
     print(f"{lm.spec.name}: {len(profile.prompts)} prompts, "
           f"{sum(p.n_tokens for p in profile.prompts)} tokens; sink rate {profile.sink_rate:.1%}")
+    _print_capture_notes(profile)
     for h in profile.sink_heads()[:3]:
         print(f"  sink head L{h['layer']}.H{h['head']}: first-token mass {h['first_token_mass']:.3f}")
     if profile.stream_eval:
@@ -321,6 +328,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0
+
+
+def _print_capture_notes(profile: SinkProfile) -> None:
+    stats = [p for p in profile.prompts if p.capture == "stats"]
+    if stats:
+        names = ", ".join(f"{p.name} ({p.n_tokens})" for p in stats)
+        print(f"statistics mode (exact per-head statistics, no T x T maps) for: {names}")
+    context = profile.model.max_positions
+    for p in profile.prompts:
+        if p.beyond_context:
+            print(f"note: {p.name} ({p.n_tokens} tokens) runs past {profile.model.name}'s trained context of "
+                  f"{context}; its numbers describe positions the model never trained on")
 
 
 def cmd_stream(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ summing to 1) and ``k_max`` (K). Queries before K are left out because they can 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -129,3 +130,125 @@ def token_kind(text: str, *, is_bos: bool = False) -> str:
     if all(not c.isalnum() for c in stripped.strip()):
         return "punct"
     return "word"
+
+
+# ------------------------------------------------------------------------------ statistics over query chunks
+
+
+@dataclass
+class LayerStats:
+    """One layer's metrics, as the whole-map functions above would give them, gathered chunk by chunk.
+
+    ``first_token_mass`` ``[H]``, ``sink_mass`` ``[H, K]`` and ``entropy`` ``[H]`` are means over queries
+    q >= K; ``received`` is :func:`received_mass` of the layer; ``pooled`` (if bins were given) is
+    :func:`sinkscope.capture.pool_map` of every head's map, ``[H, bins, bins]``.
+    """
+
+    first_token_mass: np.ndarray
+    sink_mass: np.ndarray
+    entropy: np.ndarray
+    received: ReceivedMass
+    pooled: np.ndarray | None
+    bins: list[tuple[int, int]] | None
+
+
+class ChunkedStats:
+    """Accumulates one layer's metrics from successive blocks of query rows, never holding the T x T map.
+
+    Feed :meth:`add` with rows ``[q0, q0 + C)`` of the causal attention ``[heads, C, keys]`` (keys may stop at
+    ``q0 + C``: later keys are masked anyway) in any order, each row exactly once; :meth:`finish` returns the
+    same numbers that the whole-map functions give. Each block costs a few copies and one small matrix
+    product; the reductions run once, in :meth:`finish`. Memory is O(heads x T x (K + local + bins)).
+    """
+
+    def __init__(self, n_heads: int, t: int, k_max: int, *, local: int = LOCAL_WINDOW,
+                 bins: list[tuple[int, int]] | None = None, device: torch.device | str = "cpu",
+                 scratch: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+        if not 1 <= k_max < t:
+            raise ValueError(f"k_max must be in [1, T) = [1, {t}), got {k_max}")
+        self.h, self.t, self.k, self.local, self.bins = n_heads, t, k_max, local, bins
+        n_bins = len(bins) if bins else 0
+
+        def zeros(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            # ``scratch`` lends memory that the previous layer used: zeroing it is cheaper than mapping anew.
+            if scratch is None:
+                return torch.zeros(shape, dtype=dtype, device=device)
+            return scratch(name, shape, dtype).zero_()
+
+        # Per query row, kept until finish: the first K probabilities, the entropy, the band A[q, q - d].
+        self._first = zeros("first", (n_heads, t, k_max))
+        self._ent = zeros("entropy", (n_heads, t))
+        self._band = zeros("band", (n_heads, t, local))
+        self._seen = torch.zeros(t, dtype=torch.bool)
+        # Row weights of the one matrix product per block: a row per query bin (pooled map), and the rows
+        # q >= K (received mass). Their products are summed per key in float64.
+        weights = torch.zeros(n_bins + 1, t, dtype=torch.float32, device=device)
+        for i, (a, b) in enumerate(bins or []):
+            weights[i, a:b] = 1.0
+        weights[n_bins, k_max:] = 1.0
+        self._weights = weights
+        self._bin_of = torch.full((t,), -1, dtype=torch.long)
+        for i, (a, b) in enumerate(bins or []):
+            self._bin_of[a:b] = i
+        self._sums = zeros("sums", (n_heads, n_bins + 1, t), torch.float64)
+        self._band_back = torch.arange(local, device=device)
+
+    def add(self, probs: torch.Tensor, q0: int, entropy: torch.Tensor | None = None) -> None:
+        """Take query rows ``q0 .. q0 + C - 1``: ``probs`` ``[heads, C, keys]`` (float32), optional per-row
+        entropy ``[heads, C]`` in nats (computed from ``probs`` when not given)."""
+        h, c, n_keys = probs.shape
+        q1 = q0 + c
+        if h != self.h or q0 < 0 or q1 > self.t or n_keys < q1:
+            raise ValueError(f"rows [{q0}, {q1}) with {n_keys} keys don't fit a [{self.h}, {self.t}, "
+                             f"{self.t}] map")
+        if bool(self._seen[q0:q1].any()):
+            raise ValueError(f"rows [{q0}, {q1}) overlap rows added before")
+        self._seen[q0:q1] = True
+        self._first[:, q0:q1, : min(self.k, n_keys)] = probs[:, :, : self.k]
+        self._ent[:, q0:q1] = torch.special.entr(probs).sum(-1) if entropy is None else entropy
+        # Band entries (q, q - d); for q - d < 0 the index is clamped and the value dropped in finish.
+        cols = (torch.arange(q0, q1, device=probs.device)[:, None] - self._band_back[None, :]).clamp_min(0)
+        self._band[:, q0:q1] = probs.gather(-1, cols.expand(h, -1, -1))
+        if self.bins:
+            first, last = int(self._bin_of[q0]), int(self._bin_of[q1 - 1])
+            rows = torch.cat([self._weights[first: last + 1, q0:q1], self._weights[-1:, q0:q1]])
+            sums = rows @ probs  # [heads, bins touched + 1, keys]
+            self._sums[:, first: last + 1, :n_keys] += sums[:, :-1]
+            self._sums[:, -1, :n_keys] += sums[:, -1]
+        else:
+            self._sums[:, -1, :n_keys] += self._weights[-1:, q0:q1] @ probs
+
+    def finish(self) -> LayerStats:
+        """The layer's metrics; every query row must have been added exactly once."""
+        if not bool(self._seen.all()):
+            missing = int((~self._seen).sum())
+            raise ValueError(f"{missing} of the {self.t} query rows were never added")
+        k, t = self.k, self.t
+        n = t - k
+        first = self._first[:, k:].double()
+        ftm = first[:, :, 0].sum(1) / n
+        sm = first.cumsum(-1).sum(1) / n
+        ent = self._ent[:, k:].double().sum(1) / n
+        # Received mass: column sums over rows q >= K, minus the band q in [j, j + local) with q >= K.
+        col = self._sums[:, -1].sum(0)
+        qs = torch.arange(t, device=col.device)[:, None]
+        keys = qs - self._band_back[None, :]
+        ok = (keys >= 0) & (qs >= k)
+        band = self._band.double().sum(0)  # [T, local]
+        col.index_add_(0, keys[ok], -band[ok])
+        js = np.arange(t)
+        queries = np.maximum(0, t - np.maximum(k, js + self.local))
+        total = col.clamp_min(0).cpu().numpy()
+        total[queries == 0] = 0.0
+        pooled = None
+        if self.bins:
+            # Sum keys within each key bin (a cumulative sum read at the bin edges), then average the queries.
+            cum = self._sums[:, :-1].cumsum(-1)
+            edges = torch.tensor([b - 1 for _, b in self.bins], device=cum.device)
+            at = cum.index_select(-1, edges)
+            key_bins = torch.diff(at, dim=-1, prepend=torch.zeros_like(at[..., :1]))
+            width = torch.tensor([b - a for a, b in self.bins], dtype=torch.float64, device=cum.device)
+            pooled = (key_bins / width[None, :, None]).cpu().numpy()
+        return LayerStats(first_token_mass=ftm.cpu().numpy(), sink_mass=sm.cpu().numpy(),
+                          entropy=ent.cpu().numpy(), received=ReceivedMass(total=total, queries=queries, heads=self.h),
+                          pooled=pooled, bins=self.bins)

@@ -278,7 +278,8 @@ def test_to_dict_schema(which, profiles, sink_profile):
     assert SCHEMA == "sinkscope.report/1"
     assert set(d["model"]) >= MODEL_KEYS
     assert d["model"]["n_layers"] == prof.model.n_layers and d["model"]["n_heads"] == prof.model.n_heads
-    assert d["prompts"] == [{"name": p.name, "n_tokens": p.n_tokens} for p in prof.prompts]
+    assert d["prompts"] == [{"name": p.name, "n_tokens": p.n_tokens, "capture": "maps", "beyond_context": False}
+                            for p in prof.prompts]
     assert {"k_max", "dtype", "device"} <= set(d["settings"])
     assert d["settings"]["k_max"] == K and d["settings"]["dtype"] == "float32" and d["settings"]["device"] == "cpu"
     n_l, n_h = len(prof.layers), prof.model.n_heads
@@ -359,10 +360,15 @@ def test_max_tokens_not_positive(tiny_llama, max_tokens):
 
 
 def test_max_tokens_beyond_context(tiny_gpt2, tiny_llama):
-    with pytest.raises(ConfigError, match="beyond tiny-gpt2's context of 64"):
+    with pytest.raises(ConfigError, match=r"beyond tiny-gpt2's context of 64 \(learned positions"):
         analyze(tiny_gpt2, TEXT_60, max_tokens=65, progress=False)
-    with pytest.raises(ConfigError, match="context of 256"):
-        analyze(tiny_llama, TEXT_60, max_tokens=10_000, progress=False)
+    # Rotary positions go on: allowed, and each prompt says whether it went past the context.
+    long_text = TEXT_60 * 5  # 301 tokens with <bos>, past the tiny Llama's 256
+    profile = analyze(tiny_llama, [long_text, TEXT_60], max_tokens=10_000, map_size=None, progress=False)
+    assert [(p.n_tokens, p.beyond_context) for p in profile.prompts] == [(301, True), (61, False)]
+    assert [p["beyond_context"] for p in profile.to_dict()["prompts"]] == [True, False]
+    # Without max_tokens a prompt is cut to the context, as before.
+    assert analyze(tiny_llama, long_text, map_size=None, progress=False).prompts[0].n_tokens == 256
 
 
 @pytest.mark.parametrize("layers", [[3], [-4], [0, 7], []])

@@ -401,6 +401,6 @@ def test_attention_without_probabilities():
 def test_model_that_cannot_switch_to_eager():
     model = _Plain(SimpleNamespace(num_hidden_layers=2, _attn_implementation="sdpa"),
                    nn.ModuleList([_NoProbsLayer(), _NoProbsLayer()]))
-    with pytest.raises(CaptureError, match="can't switch to eager"), capture(model):
+    with pytest.raises(CaptureError, match="can't switch its attention implementation to eager"), capture(model):
         pass
     assert all(layer.self_attn._forward_hooks == {} for layer in model.layers)
