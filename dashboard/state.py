@@ -40,7 +40,7 @@ class Limits:
     """Server-side limits, each refusal shown in the page (``sinkscope dashboard --help`` sets them)."""
 
     max_prompt_tokens: int = 4096  # a stream's prompt (the default text, long-document, has 3359 on SmolLM2)
-    max_analysis_tokens: int = 1024  # an analysed prompt (eager capture holds L x H x T x T floats per layer)
+    max_analysis_tokens: int = 4096  # an analysed prompt (past 1024 tokens in statistics mode: ~20 s at 4096)
     max_new_tokens: int = 1024  # tokens generated after a stream's prompt
     max_window: int = 4096
     max_streams: int = 4  # running at once, all tabs together

@@ -7,10 +7,13 @@ Notebook use::
     profile = sinkscope.analyze(lm, "Some text to look at ...")
     profile                       # summary table in a notebook
     profile.plot_heatmap()        # plotly figure
+
+Long prompts (past 1024 tokens) are measured in statistics mode: the same numbers, computed block by block
+without any T x T attention map (``sinkscope.capture_stats``).
 """
 
 from .analysis import PromptResult, Recommendation, SinkPosition, SinkProfile, analyze
-from .capture import Capture, capture
+from .capture import Capture, StatsCapture, capture, capture_stats
 from .errors import SinkscopeError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
@@ -31,10 +34,12 @@ __all__ = [
     "SinkPosition",
     "SinkProfile",
     "SinkscopeError",
+    "StatsCapture",
     "StreamEval",
     "Streamer",
     "analyze",
     "capture",
+    "capture_stats",
     "evaluate_stream",
     "load_model",
 ]

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .capture import DEFAULT_BLOCK_BYTES, capture, capture_stats, pool_map, stats_supported
+from .capture import CPU_BLOCK_BYTES, capture, capture_stats, pool_map, stats_supported
 from .errors import CaptureError, ConfigError, PromptError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
@@ -441,7 +441,7 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
     modes = [_mode_for(mode, int(ids.shape[1]), unsupported) for ids in encoded]
     device = next(lm.model.parameters()).device
     for m, ids in zip(modes, encoded, strict=True):
-        _check_memory(spec, int(ids.shape[1]), device, m, stats_ok=not unsupported)
+        _check_memory(spec, int(ids.shape[1]), device, m, stats_ok=not unsupported, k_max=k_max)
 
     from tqdm.auto import tqdm
 
@@ -538,7 +538,7 @@ def capture_bytes(spec: ModelSpec, n_tokens: int, mode: str = "maps") -> int:
         return _EAGER_COPIES * spec.n_heads * n_tokens * n_tokens * 4
     hidden = spec.n_heads * spec.head_dim
     mask = n_tokens * n_tokens if spec.sliding_window and n_tokens > spec.sliding_window else 0
-    return _STATS_ACTIVATION_VECTORS * n_tokens * hidden * 4 + mask + 2 * DEFAULT_BLOCK_BYTES
+    return _STATS_ACTIVATION_VECTORS * n_tokens * hidden * 4 + mask + 2 * CPU_BLOCK_BYTES
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -555,7 +555,7 @@ def _available_bytes(device: torch.device) -> int | None:
 
 
 def _check_memory(spec: ModelSpec, n_tokens: int, device: torch.device, mode: str = "maps",
-                  stats_ok: bool = False) -> None:
+                  stats_ok: bool = False, k_max: int = DEFAULT_K) -> None:
     need, free = capture_bytes(spec, n_tokens, mode), _available_bytes(device)
     if free is None or need <= 0.9 * free:
         return
@@ -564,7 +564,8 @@ def _check_memory(spec: ModelSpec, n_tokens: int, device: torch.device, mode: st
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if capture_bytes(spec, mid, mode) <= 0.9 * free else (lo, mid - 1)
     fits = lo
-    hint = f"pass --max-tokens {fits} or less"
+    hint = (f"pass --max-tokens {fits} or less" if fits > k_max else
+            f"not even K + 1 = {k_max + 1} tokens fit: free some memory, or use a smaller model or dtype")
     if mode == "maps" and stats_ok:
         hint += " (or use statistics mode: --mode stats, which needs no T x T maps)"
     raise ConfigError(f"measuring attention over {n_tokens} tokens in {mode} mode needs about "

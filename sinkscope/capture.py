@@ -189,7 +189,17 @@ def _attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
 # ------------------------------------------------------------------------------------------ statistics mode
 
 STATS_IMPLEMENTATION = "sinkscope_stats"
-DEFAULT_BLOCK_BYTES = 64 * 2**20  # score + probability blocks per layer: a few L3-sized slabs, not T x T
+CPU_BLOCK_BYTES = 8 * 2**20  # scores + probabilities of one block: cache-sized blocks were fastest on CPU
+GPU_BLOCK_BYTES = 2**30  # on a GPU, big blocks: each block costs a dozen kernel launches
+
+
+def default_block_bytes(device: torch.device | str) -> int:
+    """Memory for one block of query rows in statistics mode: small on CPU, large (within free memory) on GPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        return int(max(CPU_BLOCK_BYTES, min(GPU_BLOCK_BYTES, free // 8)))
+    return CPU_BLOCK_BYTES
 
 
 @dataclass
@@ -224,7 +234,7 @@ class _Buffers:
 class _LayerJob:
     """Statistics of one attention module for the forward pass in flight."""
 
-    def __init__(self, layer: int, k_max: int, map_size: int | None, local: int, block_bytes: int,
+    def __init__(self, layer: int, k_max: int, map_size: int | None, local: int, block_bytes: int | None,
                  done: Callable[[int, LayerStats], None], buffers: _Buffers | None = None) -> None:
         self.layer, self.k_max, self.map_size, self.local = layer, k_max, map_size, local
         self.block_bytes, self.done = block_bytes, done
@@ -252,7 +262,8 @@ class _LayerJob:
         values = value[0].float()
         queries = (query[0].float() * scale).view(h_kv, group, t, d)
         out = torch.empty(t, h, d, dtype=query.dtype, device=query.device)
-        floats = max(h * t, self.block_bytes // 8)  # two float32 blocks (scores, probabilities); one row at least
+        block = self.block_bytes if self.block_bytes is not None else default_block_bytes(query.device)
+        floats = max(h * t, block // 8)  # two float32 blocks (scores, probabilities); one row at least
         # Two buffers reused for every block: a fresh allocation of this size per block costs more in page
         # faults than the softmax itself.
         score_buf = self.buffers.get("scores", floats, query.device)
@@ -281,10 +292,16 @@ class _LayerJob:
                 scores.masked_fill_(~m if m.dtype == torch.bool else m < low / 2, low)
             probs = prob_buf[: h * c * q1].view(h, c, q1)
             torch.ops.aten._softmax.out(scores, -1, False, out=probs)
-            # Entropy without a logarithm per entry: H = log Z - sum(p * s), where the row maximum m has
-            # p = exp(m) / Z, so log Z = m - log(max p). (float32 error ~1e-6 nats for |s| ~ 30.)
-            top = scores.amax(-1)
-            entropy = top.sub_(probs.amax(-1).log_()).sub_(scores.mul_(probs).sum(-1))
+            # Entropy without a logarithm per entry: H = log Z - sum(p * s). Any visible key j gives
+            # log Z = s_j - log p_j; the query's own key is always visible, and only where its probability
+            # underflows does the row maximum stand in (log Z = m - log max p).
+            diag = torch.arange(c, device=probs.device)
+            s_own, p_own = scores[:, diag, diag + q0], probs[:, diag, diag + q0]
+            log_z = s_own - p_own.log()
+            tiny = p_own < 1e-30
+            if bool(tiny.any()):
+                log_z[tiny] = (scores.amax(-1) - probs.amax(-1).log())[tiny]
+            entropy = log_z.sub_(scores.mul_(probs).sum(-1))
             acc.add(probs, q0, entropy)
             o = torch.matmul(probs.view(h_kv, group * c, q1), values[:, :q1])  # [kv, group * c, D]
             out[q0:q1] = o.view(h, c, d).transpose(0, 1)
@@ -340,7 +357,7 @@ def stats_supported(model: nn.Module) -> str | None:
 
 @contextmanager
 def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | None = None,
-                  map_size: int | None = None, local: int = LOCAL_WINDOW, block_bytes: int = DEFAULT_BLOCK_BYTES,
+                  map_size: int | None = None, local: int = LOCAL_WINDOW, block_bytes: int | None = None,
                   on_layer: Callable[[int, LayerStats], None] | None = None) -> Iterator[StatsCapture]:
     """Statistics mode: exact per-head sink metrics of every forward pass in the block, no T x T maps kept.
 
@@ -352,7 +369,7 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
         map_size: also pool every head's map to at most this many bins per side (:func:`pool_map`'s bins).
         local: queries this close to a key are left out of the received mass.
         block_bytes: memory for one block of query rows (scores and probabilities); smaller is leaner, not
-            less exact.
+            less exact (default: :func:`default_block_bytes` of each layer's device; at least one row).
         on_layer: called as ``on_layer(layer, stats)`` as soon as a layer is done.
 
     Example::
@@ -364,7 +381,7 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
     why = stats_supported(model)
     if why:
         raise CaptureError(f"{why}; capture whole maps instead (sinkscope.capture, or analyze(mode='maps'))")
-    if block_bytes < 1:
+    if block_bytes is not None and block_bytes < 1:
         raise CaptureError(f"block_bytes must be positive, got {block_bytes}")
     modules = find_attention_modules(model)
     n = len(modules)

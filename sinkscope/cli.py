@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="registry name, local HF directory, .gguf file or hub id (default: smollm2-135m)")
     p_rep.add_argument("--prompt-file", action="append", default=None, metavar="F",
                        help="a UTF-8 text file to analyse; repeat for several (default: sample_prompts/*.txt)")
+    p_rep.add_argument("--long-prompt", action="store_true",
+                       help="also analyse a long text: Python's own documentation topics (standard library, "
+                            "offline), cut to --max-tokens (without it, to the model's context)")
     p_rep.add_argument("--max-tokens", type=int, default=None, metavar="N",
                        help="truncate each prompt to N tokens (default: the model's context; with rotary positions "
                             "N may exceed it, and the report flags such prompts)")
@@ -239,8 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest text a stream reads (default: 4096)")
     lim.add_argument("--max-new-tokens", type=_positive_int, default=1024, metavar="N",
                      help="most tokens a stream generates (default: 1024)")
-    lim.add_argument("--max-analysis-tokens", type=_positive_int, default=1024, metavar="N",
-                     help="longest prompt the page analyses (default: 1024)")
+    lim.add_argument("--max-analysis-tokens", type=_positive_int, default=4096, metavar="N",
+                     help="longest prompt the page analyses (default: 4096)")
     lim.add_argument("--max-streams", type=_positive_int, default=4, metavar="N",
                      help="streams running at once, all pages together (default: 4)")
     _add_model_options(p_db)
@@ -276,7 +279,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Analyse MODEL on prompts and write the three report files."""
-    from .prompts import read_prompt_file, sample_prompts
+    from .prompts import long_text, read_prompt_file, sample_prompts
     from .report import check_output_dir
 
     if args.max_tokens is not None and args.max_tokens < args.k_max + 1:
@@ -290,7 +293,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     tokens = args.validate_tokens if args.validate_tokens is not None else VALIDATE_TOKENS
     if args.validate:
         _check_stream_sizes(args.sinks or [0], window, tokens)
-    prompts = [read_prompt_file(f) for f in args.prompt_file] if args.prompt_file else sample_prompts()
+    prompts = [read_prompt_file(f) for f in args.prompt_file] if args.prompt_file else []
+    if args.long_prompt:
+        prompts.append(long_text())
+    if not prompts:
+        prompts = sample_prompts()
     text = read_prompt_file(args.validate_text) if args.validate_text else None
     out = Path(args.out) if args.out else Path("sinkscope-reports") / _safe_name(args.model)
     out = check_output_dir(out)  # before the slow part: a bad --out must not cost a model load

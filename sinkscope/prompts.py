@@ -50,6 +50,17 @@ def read_prompt_file(path: str | Path) -> Prompt:
     return Prompt(name=p.stem, text=text)
 
 
+LONG_TEXT_NAME = "pydoc_data.topics"
+
+
+def long_text() -> Prompt:
+    """Python's own documentation topics (``pydoc_data.topics``: standard library, offline, human-written
+    English, ~600k tokens), in key order: the long text of stream evaluation and of ``report --long-prompt``."""
+    from pydoc_data.topics import topics
+
+    return Prompt(LONG_TEXT_NAME, "\n\n".join(topics[k] for k in sorted(topics)))
+
+
 def sample_prompts() -> list[Prompt]:
     """The prompts in ``sample_prompts/``, sorted by file name."""
     d = sample_prompts_dir()

@@ -347,14 +347,24 @@ def _summary_html(profile: SinkProfile) -> str:
     model_card = ('<div class="card"><h2>Model</h2>'
                   + _html_table(["", ""], [[_esc(k), _esc(v)] for k, v in _model_rows(profile)], cls="kv")
                   + "</div>")
-    prompt_rows = [[_esc(p.name), str(p.n_tokens), _pct(_prompt_rate(profile, p))] for p in profile.prompts]
+    prompt_rows = [[_esc(c) for c in _prompt_row(profile, p)] for p in profile.prompts]
     prompts_card = (
         f'<div class="card"><h2>Sinks</h2><div class="stat">{_pct(profile.sink_rate)}</div>'
         f'<div class="note">sink rate: share of heads that put more than {profile.threshold:g} of their '
         f"attention on the first token, mean over prompts. On the mean profile, {n_sink} of {n_heads} heads are "
         f"sink heads.</div>"
-        + _html_table(["prompt", "tokens", "sink rate"], prompt_rows, cls="numeric") + "</div>")
+        + _html_table(PROMPT_COLUMNS, prompt_rows, cls="numeric") + "</div>")
     return f'<section class="summary">{rec_card}{model_card}{prompts_card}</section>'
+
+
+PROMPT_COLUMNS = ["prompt", "tokens", "sink rate", "measured from"]
+_CAPTURE_NAMES = {"maps": "whole maps", "stats": "statistics mode"}
+
+
+def _prompt_row(profile: SinkProfile, p: PromptResult) -> list[str]:
+    tokens = f"{p.n_tokens} (past the {profile.model.max_positions}-token context)" if p.beyond_context \
+        else str(p.n_tokens)
+    return [p.name, tokens, _pct(_prompt_rate(profile, p)), _CAPTURE_NAMES.get(p.capture, p.capture)]
 
 
 def _prompt_rate(profile: SinkProfile, p: PromptResult) -> float:
@@ -552,8 +562,7 @@ def render_markdown(profile: SinkProfile) -> str:
     out += ["## Model", "", _md_table(["", ""], [[_md(k), _md(v)] for k, v in _model_rows(profile)], "ll"), ""]
 
     out += ["## Prompts", "",
-            _md_table(["prompt", "tokens", "sink rate"],
-                      [[_md(p.name), str(p.n_tokens), _pct(_prompt_rate(profile, p))] for p in profile.prompts]),
+            _md_table(PROMPT_COLUMNS, [[_md(c) for c in _prompt_row(profile, p)] for p in profile.prompts], "lrrl"),
             "", f"Sink rate (mean over prompts): **{_pct(profile.sink_rate)}**. On the mean profile "
                 f"{len(profile.sink_heads())} of {profile.first_token_mass.size} heads are sink heads.", ""]
 

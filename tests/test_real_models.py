@@ -149,3 +149,51 @@ def test_gemma3_spec_and_sliding_layers(gemma3):
             assert np.all(tail > 0)
     rec = profile.recommendation
     assert isinstance(rec.sinks, int) and 0 <= rec.sinks <= K
+
+
+# ------------------------------------------------------------------------------------------- statistics mode
+
+
+def _check_positions_and_maps(profile, refs, n_pairs):
+    res, maps = profile.prompts[0], refs[0]["maps"]
+    received = sum(Reference.received(a, K)[0] for a in maps)
+    _, queries = Reference.received(maps[0], K)
+    for s in res.sink_positions:
+        assert s.received == pytest.approx(received[s.position] / (queries[s.position] * n_pairs), abs=ATOL)
+    att = res.attention
+    for layer in (0, len(maps) // 2, len(maps) - 1):
+        np.testing.assert_allclose(att.maps[layer], Reference.pool(maps[layer], att.bins), atol=ATOL)
+
+
+def test_smollm2_statistics_mode_matches_eager_reference(smollm2):
+    """Statistics mode never forms a T x T map, yet gives the eager maps' numbers (design.md, 1e-4)."""
+    prompts = _prompts("long-document")
+    profile = sinkscope.analyze(smollm2, prompts, max_tokens=700, map_size=48, mode="stats", progress=False)
+    assert profile.prompts[0].capture == "stats"
+    assert smollm2.model.config._attn_implementation == "sdpa"
+    refs = _check_against_reference(smollm2, profile, prompts, 700)
+    _check_positions_and_maps(profile, refs, 30 * 9)
+
+
+def test_gemma3_statistics_mode_matches_eager_reference(gemma3):
+    """Past Gemma-3's 512-token window the sliding layers get transformers' mask: applied block by block."""
+    prompts = _prompts("long-document")
+    profile = sinkscope.analyze(gemma3, prompts, max_tokens=700, map_size=48, mode="stats", progress=False)
+    assert gemma3.model.config._attn_implementation == "sdpa"
+    refs = _check_against_reference(gemma3, profile, prompts, 700)
+    _check_positions_and_maps(profile, refs, 18 * 4)
+
+
+def test_smollm2_long_prompt_goes_to_statistics_mode(smollm2):
+    """Past 1024 tokens analyze switches by itself, and gives what whole maps give."""
+    (prompt,) = _prompts("long-document")
+    auto = sinkscope.analyze(smollm2, prompt, max_tokens=2048, progress=False)
+    assert (auto.prompts[0].n_tokens, auto.prompts[0].capture) == (2048, "stats")
+    assert auto.settings["capture"].startswith("statistics mode")
+    maps = sinkscope.analyze(smollm2, prompt, max_tokens=2048, mode="maps", progress=False)
+    np.testing.assert_allclose(auto.first_token_mass, maps.first_token_mass, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(auto.sink_mass, maps.sink_mass, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(auto.entropy, maps.entropy, atol=ATOL, rtol=0)
+    np.testing.assert_allclose(auto.prompts[0].attention.maps, maps.prompts[0].attention.maps, atol=ATOL)
+    assert [s.position for s in auto.prompts[0].sink_positions] == [s.position for s in maps.prompts[0].sink_positions]
+    assert auto.recommendation.sinks == maps.recommendation.sinks

@@ -45,7 +45,7 @@ import torch
 
 from ..errors import ConfigError, PromptError
 from ..models import LoadedModel, ModelSpec
-from ..prompts import Prompt
+from ..prompts import LONG_TEXT_NAME, Prompt, long_text
 
 SCHEMA = "sinkscope.stream_eval/1"
 MODES = ("streaming", "dense", "recompute")
@@ -55,7 +55,7 @@ DEFAULT_TOKENS = 4000  # of the default text, when no ``tokens`` is given
 AUTO_RECOMPUTE_TARGETS = 200  # recompute_stride="auto": at most this many recomputed targets
 MIN_TARGETS = 32  # scored tokens a text must leave after max(sinks) + window
 NLL_DIGITS = 4  # per-target NLLs in the JSON (perplexities are computed before rounding)
-DEFAULT_TEXT_NAME = "pydoc_data.topics"
+DEFAULT_TEXT_NAME = LONG_TEXT_NAME
 _LOGITS_BYTES = 256 * 2**20  # dense: at most this many bytes of float32 logits per forward
 _RECOMPUTE_TOKENS = 1024  # recompute: about this many tokens per batched forward
 
@@ -67,9 +67,7 @@ Progress = Callable[[int], None]
 
 def default_text() -> Prompt:
     """Python's own documentation topics (``pydoc_data.topics``, standard library, offline), in key order."""
-    from pydoc_data.topics import topics
-
-    return Prompt(DEFAULT_TEXT_NAME, "\n\n".join(topics[k] for k in sorted(topics)))
+    return long_text()
 
 
 @contextmanager

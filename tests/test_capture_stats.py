@@ -1,0 +1,264 @@
+"""Statistics mode (sinkscope.capture_stats, metrics.ChunkedStats) against transformers' own eager maps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXT_24, TEXT_60, build_llama
+
+from sinkscope import analyze, capture_stats
+from sinkscope.capture import STATS_IMPLEMENTATION, find_attention_modules, pool_bins
+from sinkscope.errors import CaptureError, ConfigError
+from sinkscope.metrics import ChunkedStats
+
+K = 8
+LONG = TEXT_60 * 3 + TEXT_24  # 205 characters: past the tiny Gemma-3's sliding window of 4 many times over
+
+
+def _stats(lm, ids, **kw):
+    with capture_stats(lm.model, k_max=K, **kw) as cap, torch.no_grad():
+        lm.model(input_ids=ids, use_cache=False)
+    return cap
+
+
+def _assert_matches(stats, a, ref, bins=None):
+    np.testing.assert_allclose(stats.first_token_mass, ref.first_token_mass(a, K), atol=1e-6)
+    np.testing.assert_allclose(stats.sink_mass, ref.sink_mass(a, K), atol=1e-6)
+    np.testing.assert_allclose(stats.entropy, ref.entropy(a, K), atol=1e-5)
+    total, queries = ref.received(a, K)
+    np.testing.assert_allclose(stats.received.total, total, atol=1e-5)
+    np.testing.assert_array_equal(stats.received.queries, queries)
+    if bins is not None:
+        assert stats.bins == bins
+        np.testing.assert_allclose(stats.pooled, ref.pool(a, bins), atol=1e-6)
+
+
+# Block sizes: one row per block (the smallest a block can be), a few rows, and the whole prompt at once.
+@pytest.mark.parametrize("block_bytes", [1, 20_000, 1 << 30])
+def test_stats_equal_eager_maps(tiny, ref, block_bytes):
+    ids = ref.encode(tiny, LONG, tiny.spec.max_positions)
+    maps = ref.eager_attentions(tiny.model, ids)
+    cap = _stats(tiny, ids, map_size=12, block_bytes=block_bytes)
+    assert sorted(cap.stats) == cap.layers == list(range(tiny.spec.n_layers))
+    assert cap.tokens == ids.shape[1]
+    bins = pool_bins(ids.shape[1], 12)
+    for layer, a in enumerate(maps):
+        _assert_matches(cap.stats[layer], a, ref, bins)
+
+
+def test_unpooled_short_prompt_keeps_every_cell(tiny_llama, ref):
+    """At or below map_size the "pooled" map is the map itself, as with pool_map."""
+    ids = ref.encode(tiny_llama, TEXT_24)
+    maps = ref.eager_attentions(tiny_llama.model, ids)
+    cap = _stats(tiny_llama, ids, map_size=64)
+    np.testing.assert_allclose(cap.stats[1].pooled, maps[1], atol=1e-6)
+
+
+def test_model_output_is_unchanged(tiny):
+    """The layer outputs that statistics mode computes itself give the model's own logits."""
+    ids = tiny.tokenizer(LONG, return_tensors="pt").input_ids[:, : tiny.spec.max_positions]
+    with torch.no_grad():
+        expected = tiny.model(input_ids=ids, use_cache=False).logits
+        with capture_stats(tiny.model, k_max=K, block_bytes=5000):
+            got = tiny.model(input_ids=ids, use_cache=False).logits
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_implementation_restored_and_registry_cleared(tiny_llama):
+    import importlib
+
+    capture_module = importlib.import_module("sinkscope.capture")  # the package's ``capture`` is the function
+    model = tiny_llama.model
+    assert model.config._attn_implementation == "sdpa"
+    ids = tiny_llama.tokenizer(TEXT_60, return_tensors="pt").input_ids
+    with capture_stats(model, k_max=K):
+        assert model.config._attn_implementation == STATS_IMPLEMENTATION
+        with torch.no_grad():
+            model(input_ids=ids)
+    assert model.config._attn_implementation == "sdpa"
+    assert capture_module._jobs == {}
+    with pytest.raises(RuntimeError, match="boom"), capture_stats(model, k_max=K):
+        raise RuntimeError("boom")
+    assert model.config._attn_implementation == "sdpa" and capture_module._jobs == {}
+    # Outside a block the registered function is plain SDPA: a model left on it still runs.
+    model.set_attn_implementation(STATS_IMPLEMENTATION)
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids).logits
+    finally:
+        model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        torch.testing.assert_close(out, model(input_ids=ids).logits)
+
+
+def test_layer_selection_and_callback(tiny_llama, ref):
+    ids = ref.encode(tiny_llama, TEXT_60)
+    maps = ref.eager_attentions(tiny_llama.model, ids)
+    seen = []
+    cap = _stats(tiny_llama, ids, layers=[-1, 0], on_layer=lambda layer, st: seen.append(layer))
+    assert cap.layers == [0, 2] and sorted(cap.stats) == [0, 2] and seen == [0, 2]
+    _assert_matches(cap.stats[2], maps[2], ref)
+    assert cap.stats[0].pooled is None and cap.stats[0].bins is None
+    with pytest.raises(CaptureError, match="layer 5 out of range"):
+        _stats(tiny_llama, ids, layers=[5])
+
+
+def test_refuses_batches_and_kv_caches(tiny_llama):
+    ids = tiny_llama.tokenizer(TEXT_60, return_tensors="pt").input_ids
+    with pytest.raises(CaptureError, match="one sequence per forward pass"), capture_stats(tiny_llama.model), \
+            torch.no_grad():
+        tiny_llama.model(input_ids=ids.repeat(2, 1))
+    with torch.no_grad():
+        past = tiny_llama.model(input_ids=ids[:, :20], use_cache=True).past_key_values
+    with pytest.raises(CaptureError, match="without a KV cache"), capture_stats(tiny_llama.model), torch.no_grad():
+        tiny_llama.model(input_ids=ids[:, 20:], past_key_values=past, use_cache=True)
+    assert tiny_llama.model.config._attn_implementation == "sdpa"
+
+
+def test_refuses_soft_capping_and_bad_block():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    cfg = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    model = Gemma2ForCausalLM(cfg)
+    with pytest.raises(CaptureError, match="soft-capping"), capture_stats(model):
+        pass
+    with pytest.raises(CaptureError, match="block_bytes"), capture_stats(build_llama(), block_bytes=0):
+        pass
+
+
+def test_nested_blocks_on_one_model_are_refused(tiny_llama):
+    with capture_stats(tiny_llama.model), pytest.raises(CaptureError, match="already inside"), \
+            capture_stats(tiny_llama.model):
+        pass
+
+
+def test_module_that_bypasses_the_interface_is_reported(tiny_llama, monkeypatch):
+    """A model whose attention never calls the registered function (custom code) gets a clear error."""
+    ids = tiny_llama.tokenizer(TEXT_60, return_tensors="pt").input_ids
+    attn = find_attention_modules(tiny_llama.model)[1]
+    monkeypatch.setattr(attn, "forward", lambda *a, **kw: (torch.zeros_like(kw["hidden_states"]), None))
+    with pytest.raises(CaptureError, match=r"layers \[1\] never reached"), capture_stats(tiny_llama.model), \
+            torch.no_grad():
+        tiny_llama.model(input_ids=ids)
+
+
+# ------------------------------------------------------------------------------------------ ChunkedStats
+
+
+def _random_causal(h: int, t: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(h, t, t, generator=g) * 3
+    scores[:, 0, 0] += 0  # keep shape obvious
+    mask = torch.ones(t, t, dtype=torch.bool).triu(1)
+    return torch.softmax(scores.masked_fill(mask, float("-inf")), -1)
+
+
+def test_chunked_stats_any_block_order(ref):
+    probs = _random_causal(3, 40)
+    bins = pool_bins(40, 10)
+    acc = ChunkedStats(3, 40, K, bins=bins)
+    for q0, q1 in [(30, 40), (0, 3), (3, 17), (17, 30)]:  # out of order; keys cropped to each block's end
+        acc.add(probs[:, q0:q1, :q1], q0)
+    st = acc.finish()
+    _assert_matches(st, probs.double().numpy(), ref, bins)
+
+
+def test_chunked_stats_refuses_overlaps_gaps_and_bad_shapes():
+    probs = _random_causal(2, 20)
+    acc = ChunkedStats(2, 20, 4)
+    acc.add(probs[:, :10], 0)
+    with pytest.raises(ValueError, match="overlap"):
+        acc.add(probs[:, 5:12], 5)
+    with pytest.raises(ValueError, match="10 of the 20 query rows were never added"):
+        acc.finish()
+    with pytest.raises(ValueError, match="don't fit"):
+        acc.add(probs[:, 10:20, :15], 10)  # rows up to 19 need 20 keys
+    with pytest.raises(ValueError, match="don't fit"):
+        acc.add(probs[:1, 10:20], 10)
+    with pytest.raises(ValueError, match="k_max"):
+        ChunkedStats(2, 4, 4)
+
+
+# ------------------------------------------------------------------------------------------- analyze
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gemma3", "tiny_gpt2"])
+def test_analyze_stats_equals_maps(request, name):
+    lm = request.getfixturevalue(name)
+    texts = [LONG, TEXT_60]
+    maps = analyze(lm, texts, k_max=K, map_size=12, mode="maps", progress=False)
+    stats = analyze(lm, texts, k_max=K, map_size=12, mode="stats", progress=False)
+    assert [p.capture for p in stats.prompts] == ["stats", "stats"]
+    assert [p.capture for p in maps.prompts] == ["maps", "maps"]
+    assert stats.settings["capture"].startswith("statistics mode")
+    for a, b in zip(maps.prompts, stats.prompts, strict=True):
+        assert a.n_tokens == b.n_tokens and a.tokens == b.tokens
+        np.testing.assert_allclose(b.first_token_mass, a.first_token_mass, atol=1e-6)
+        np.testing.assert_allclose(b.sink_mass, a.sink_mass, atol=1e-6)
+        np.testing.assert_allclose(b.entropy, a.entropy, atol=1e-5)
+        assert [s.position for s in b.sink_positions] == [s.position for s in a.sink_positions]
+        np.testing.assert_allclose([s.received for s in b.sink_positions], [s.received for s in a.sink_positions],
+                                   atol=1e-6)
+        assert b.attention.bins == a.attention.bins and b.attention.labels == a.attention.labels
+        np.testing.assert_allclose(b.attention.maps, a.attention.maps, atol=1e-6)
+    assert stats.recommendation.sinks == maps.recommendation.sinks
+
+
+def test_auto_mode_switches_past_the_length(tiny_llama, monkeypatch):
+    from sinkscope import analysis
+
+    monkeypatch.setattr(analysis, "STATS_FROM_TOKENS", 100)
+    prof = analyze(tiny_llama, [LONG, TEXT_60], k_max=K, map_size=None, progress=False)
+    assert [(p.n_tokens, p.capture) for p in prof.prompts] == [(205, "stats"), (61, "maps")]
+    assert prof.settings["mode"] == "auto" and prof.settings["stats_from_tokens"] == 100
+    assert "statistics mode" in prof.settings["capture"] and "whole maps" in prof.settings["capture"]
+    assert [p["capture"] for p in prof.to_dict()["prompts"]] == ["stats", "maps"]
+
+
+def test_auto_mode_keeps_maps_where_stats_cannot_run(tiny_llama, monkeypatch):
+    from sinkscope import analysis
+
+    monkeypatch.setattr(analysis, "STATS_FROM_TOKENS", 10)
+    monkeypatch.setattr(analysis, "stats_supported", lambda model: "no reason")
+    prof = analyze(tiny_llama, LONG, k_max=K, map_size=None, progress=False)
+    assert prof.prompts[0].capture == "maps"
+    with pytest.raises(ConfigError, match="statistics mode can't run on tiny-llama: no reason"):
+        analyze(tiny_llama, LONG, mode="stats", progress=False)
+
+
+def test_bad_mode(tiny_llama):
+    with pytest.raises(ConfigError, match="mode must be one of auto, maps, stats"):
+        analyze(tiny_llama, TEXT_60, mode="fast", progress=False)
+
+
+def test_memory_refusal_comes_before_any_work(tiny_llama, monkeypatch):
+    from sinkscope import analysis
+
+    calls = []
+    monkeypatch.setattr(tiny_llama.model.model, "forward", lambda *a, **kw: calls.append(1))
+    free = analysis.capture_bytes(tiny_llama.spec, 150, "stats") / 0.9  # room for 150 of the 205 tokens
+    monkeypatch.setattr(analysis, "_available_bytes", lambda device: free)
+    with pytest.raises(ConfigError, match=r"205 tokens in stats mode needs about .* pass --max-tokens 150 or less"):
+        analyze(tiny_llama, LONG, mode="stats", progress=False)
+    monkeypatch.setattr(analysis, "_available_bytes", lambda device: 1000)
+    with pytest.raises(ConfigError, match="not even K \\+ 1 = 9 tokens fit"):
+        analyze(tiny_llama, LONG, mode="stats", progress=False)
+    assert calls == []
+    # Whole maps that don't fit point at statistics mode.
+    need = analysis.capture_bytes(tiny_llama.spec, 205, "maps")
+    monkeypatch.setattr(analysis, "_available_bytes", lambda device: need)
+    with pytest.raises(ConfigError, match="or use statistics mode"):
+        analyze(tiny_llama, LONG, mode="maps", progress=False)
+    assert calls == []
+
+
+def test_stats_estimate_grows_linearly_without_sliding_window(tiny_llama, tiny_gemma3):
+    from sinkscope.analysis import capture_bytes
+
+    a, b = capture_bytes(tiny_llama.spec, 1000, "stats"), capture_bytes(tiny_llama.spec, 2000, "stats")
+    assert b - a == capture_bytes(tiny_llama.spec, 3000, "stats") - b  # linear: no T x T term
+    # Sliding-window layers get a T x T boolean mask from transformers: counted.
+    g1, g2 = capture_bytes(tiny_gemma3.spec, 1000, "stats"), capture_bytes(tiny_gemma3.spec, 2000, "stats")
+    assert g2 - g1 > 2000 * 2000 - 1000 * 1000
