@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import metrics
-from .capture import CPU_BLOCK_BYTES, capture, capture_stats, pool_map, stats_supported
+from .capture import CPU_BLOCK_BYTES, capture, capture_stats, default_block_bytes, pool_map, stats_supported
 from .errors import CaptureError, ConfigError, PromptError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
@@ -441,7 +441,8 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
     modes = [_mode_for(mode, int(ids.shape[1]), unsupported) for ids in encoded]
     device = next(lm.model.parameters()).device
     for m, ids in zip(modes, encoded, strict=True):
-        _check_memory(spec, int(ids.shape[1]), device, m, stats_ok=not unsupported, k_max=k_max)
+        _check_memory(spec, int(ids.shape[1]), device, m, stats_ok=not unsupported, k_max=k_max,
+                      map_size=map_size)
 
     from tqdm.auto import tqdm
 
@@ -524,21 +525,27 @@ def _encode(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int)
 # scores, probabilities, and the pooling pass over them).
 _EAGER_COPIES = 4
 # Statistics mode's peak beyond the weights, per token: the forward's own activations (hidden states, the MLP's
-# up/gate projections, q/k/v) in float32, about this many hidden-size vectors' worth; measured on SmolLM2.
+# up/gate projections, q/k/v) in float32, about this many hidden-size vectors' worth. Measured on SmolLM2 the
+# whole peak stayed below this estimate (0.7 GB above the loaded model at 16384 tokens, estimate 1.1 GB).
 _STATS_ACTIVATION_VECTORS = 24
 
 
-def capture_bytes(spec: ModelSpec, n_tokens: int, mode: str = "maps") -> int:
+def capture_bytes(spec: ModelSpec, n_tokens: int, mode: str = "maps", map_size: int | None = DEFAULT_MAP_SIZE,
+                  k_max: int = DEFAULT_K, block_bytes: int = CPU_BLOCK_BYTES) -> int:
     """Estimated peak memory, beyond the weights, of measuring a prompt of ``n_tokens`` in ``mode``.
 
-    ``maps``: one layer's eager attention maps. ``stats``: the forward's activations, the attention mask
-    of sliding-window layers (a T x T boolean), and the blocks of query rows.
+    ``maps``: one layer's eager attention maps. ``stats``: the forward's activations, statistics mode's
+    per-row keeps and float32 copies of queries and keys, the attention mask of sliding-window layers (a
+    T x T boolean that transformers builds), and the two blocks of query rows.
     """
     if mode == "maps":
         return _EAGER_COPIES * spec.n_heads * n_tokens * n_tokens * 4
     hidden = spec.n_heads * spec.head_dim
+    keeps = spec.n_heads * (((map_size or 0) + 1) * 8 + (k_max + metrics.LOCAL_WINDOW + 1) * 4)
+    copies = (spec.n_heads + spec.n_kv_heads) * spec.head_dim * 4
+    per_token = _STATS_ACTIVATION_VECTORS * hidden * 4 + keeps + copies
     mask = n_tokens * n_tokens if spec.sliding_window and n_tokens > spec.sliding_window else 0
-    return _STATS_ACTIVATION_VECTORS * n_tokens * hidden * 4 + mask + 2 * CPU_BLOCK_BYTES
+    return per_token * n_tokens + mask + 2 * block_bytes
 
 
 def _available_bytes(device: torch.device) -> int | None:
@@ -555,14 +562,19 @@ def _available_bytes(device: torch.device) -> int | None:
 
 
 def _check_memory(spec: ModelSpec, n_tokens: int, device: torch.device, mode: str = "maps",
-                  stats_ok: bool = False, k_max: int = DEFAULT_K) -> None:
-    need, free = capture_bytes(spec, n_tokens, mode), _available_bytes(device)
+                  stats_ok: bool = False, k_max: int = DEFAULT_K, map_size: int | None = DEFAULT_MAP_SIZE) -> None:
+    block = default_block_bytes(device)
+
+    def estimate(n: int) -> int:
+        return capture_bytes(spec, n, mode, map_size, k_max, block)
+
+    need, free = estimate(n_tokens), _available_bytes(device)
     if free is None or need <= 0.9 * free:
         return
     lo, hi = 0, n_tokens  # the largest length that fits: capture_bytes grows with the length
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if capture_bytes(spec, mid, mode) <= 0.9 * free else (lo, mid - 1)
+        lo, hi = (mid, hi) if estimate(mid) <= 0.9 * free else (lo, mid - 1)
     fits = lo
     hint = (f"pass --max-tokens {fits} or less" if fits > k_max else
             f"not even K + 1 = {k_max + 1} tokens fit: free some memory, or use a smaller model or dtype")

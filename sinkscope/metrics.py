@@ -242,11 +242,12 @@ class ChunkedStats:
         total[queries == 0] = 0.0
         pooled = None
         if self.bins:
-            # Sum keys within each key bin, then average the queries.
-            sums = self._sums[:, :-1]
-            key_bins = torch.zeros(*sums.shape[:2], len(self.bins), dtype=sums.dtype, device=sums.device)
-            key_bins.index_add_(2, self._bin_of.to(sums.device), sums)
-            width = torch.tensor([b - a for a, b in self.bins], dtype=torch.float64, device=sums.device)
+            # Sum keys within each key bin (a cumulative sum read at the bin edges), then average the queries.
+            cum = self._sums[:, :-1].cumsum(-1)
+            edges = torch.tensor([b - 1 for _, b in self.bins], device=cum.device)
+            at = cum.index_select(-1, edges)
+            key_bins = torch.diff(at, dim=-1, prepend=torch.zeros_like(at[..., :1]))
+            width = torch.tensor([b - a for a, b in self.bins], dtype=torch.float64, device=cum.device)
             pooled = (key_bins / width[None, :, None]).cpu().numpy()
         return LayerStats(first_token_mass=ftm.cpu().numpy(), sink_mass=sm.cpu().numpy(),
                           entropy=ent.cpu().numpy(), received=ReceivedMass(total=total, queries=queries, heads=self.h),

@@ -48,6 +48,31 @@ def assert_one_line_error(rc: int, err: str, *needles: str) -> None:
         assert n in lines[0], lines[0]
 
 
+def test_report_long_prompt_in_statistics_mode_past_the_context(capsys, llama_dir, prompt_file, tmp_path,
+                                                                monkeypatch):
+    """--long-prompt adds Python's docs; past the (lowered) length it is measured in statistics mode, and a
+    rotary model may go past its context of 256 when asked: both are said on stdout and in the report."""
+    from sinkscope import analysis
+
+    monkeypatch.setattr(analysis, "STATS_FROM_TOKENS", 100)
+    out = tmp_path / "long"
+    rc, stdout, err = run(capsys, str(llama_dir), "--prompt-file", str(prompt_file), "--long-prompt",
+                          "--max-tokens", "300", "--out", str(out), "--k-max", "4")
+    assert rc == 0, err
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["prompts"] == [
+        {"name": "prompt", "n_tokens": len(TEXT) + 1, "capture": "stats", "beyond_context": False},
+        {"name": "pydoc_data.topics", "n_tokens": 300, "capture": "stats", "beyond_context": True}]
+    assert "statistics mode (exact per-head statistics, no T x T maps) for: prompt (220), pydoc_data.topics (300)" \
+        in stdout
+    assert f"note: pydoc_data.topics (300 tokens) runs past {llama_dir.name}'s trained context of 256" in stdout
+    md = (out / "report.md").read_text()
+    assert "| pydoc\\_data.topics | 300 (past the 256-token context) |" in md and "statistics mode |" in md
+    rc, _, _ = run(capsys, str(llama_dir), "--prompt-file", str(prompt_file), "--mode", "maps",
+                   "--out", str(out), "--k-max", "4")
+    assert rc == 0 and json.loads((out / "report.json").read_text())["prompts"][0]["capture"] == "maps"
+
+
 def test_report_writes_three_files(capsys, llama_dir, prompt_file, tmp_path):
     out = tmp_path / "rep"
     rc, stdout, err = run(capsys, str(llama_dir), "--prompt-file", str(prompt_file), "--out", str(out), "--k-max", "4")
