@@ -159,24 +159,35 @@ def bench(tokens: list[int], naive_tokens: list[int], repeat: int) -> list[dict]
 
 
 def multi_device(n: int, devices: int) -> dict:
-    """The 7B shape over ``devices`` GPUs (accelerate, device_map="auto") vs one device, same weights."""
+    """The 7B shape split over ``devices`` GPUs (accelerate) vs the same weights on one GPU."""
     from accelerate import dispatch_model, infer_auto_device_map
 
     model = build(SEVEN_B, torch.bfloat16, "cuda")
+    weights = torch.cuda.memory_allocated() / 2**30
     ids = torch.randint(0, SEVEN_B["vocab_size"], (1, n), generator=torch.Generator().manual_seed(7)).cuda()
+    t0 = time.perf_counter()
     single = _stats(model, ids)
+    single_s = time.perf_counter() - t0
     model = model.cpu()
-    per = {i: f"{int(torch.cuda.get_device_properties(i).total_memory / 2**30 * 0.3)}GiB" for i in range(devices)}
+    torch.cuda.empty_cache()
+    # Room for a little more than 1/devices of the weights per GPU, so that the layers must spread out.
+    per = {i: f"{int(weights / devices + 2)}GiB" for i in range(devices)}
     device_map = infer_auto_device_map(model, max_memory=per, no_split_module_classes=["LlamaDecoderLayer"])
     model = dispatch_model(model, device_map=device_map)
     ids = ids.to(next(model.parameters()).device)
+    t0 = time.perf_counter()
     split = _stats(model, ids)
+    split_s = time.perf_counter() - t0
     err = {name: max(float(abs(getattr(split.stats[i], name) - getattr(single.stats[i], name)).max())
                      for i in single.stats)
            for name in ("first_token_mass", "sink_mass", "entropy")}
-    used = sorted({str(d) for d in device_map.values()})
-    out = {"tokens": n, "devices": used, "split_vs_single": err}
-    print(f"multi-device, {n} tokens over {used}: {err}", flush=True)
+    layers_on = {}
+    for name, dev in device_map.items():
+        layers_on.setdefault(str(dev), []).append(name)
+    out = {"tokens": n, "devices": sorted(layers_on), "layers_per_device": {d: len(v) for d, v in layers_on.items()},
+           "split_vs_single": err, "single_s": single_s, "split_s": split_s,
+           "layers_measured": sorted(split.stats) == list(range(SEVEN_B["num_hidden_layers"]))}
+    print(f"multi-device, {n} tokens: {json.dumps(out)}", flush=True)
     return out
 
 
