@@ -103,6 +103,25 @@ def _current_rss_kb() -> int:
     return 0
 
 
+# The targets, at 4096 tokens: statistics mode near the floor, and far below naive capture.
+TARGET_TOKENS, MAX_OVER_FORWARD, MIN_UNDER_NAIVE = 4096, 1.5, 5.0
+
+
+def _targets(by: dict) -> None:
+    f, s, nv = (by.get((c, TARGET_TOKENS)) for c in ("forward", "stats", "naive"))
+    if not (f and s):
+        return
+    checks = [(f"stats / forward, time <= {MAX_OVER_FORWARD}", s["seconds"] / f["seconds"] <= MAX_OVER_FORWARD),
+              (f"stats / forward, memory <= {MAX_OVER_FORWARD}",
+               s["peak_mb"] / max(f["peak_mb"], 1) <= MAX_OVER_FORWARD)]
+    if nv:
+        checks += [(f"naive / stats, time >= {MIN_UNDER_NAIVE}", nv["seconds"] / s["seconds"] >= MIN_UNDER_NAIVE),
+                   (f"naive / stats, memory >= {MIN_UNDER_NAIVE}",
+                    nv["peak_mb"] / max(s["peak_mb"], 1) >= MIN_UNDER_NAIVE)]
+    print(f"targets at {TARGET_TOKENS} tokens: " + "; ".join(f"{name}: {'met' if ok else 'NOT met'}"
+                                                             for name, ok in checks))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -165,6 +184,7 @@ def main() -> None:
         print(line)
     for s in skipped:
         print(f"skipped {s}")
+    _targets(by)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"rows": rows, "skipped": skipped}, fh, indent=1)
