@@ -8,7 +8,9 @@ resident memory above the process right after the model loaded:
   maps of every head, sink positions) in statistics mode;
 - ``maps``: the same analysis from whole eager maps, one layer at a time (``mode="maps"``), with ``--maps``;
 - ``naive``: what most tools do: eager attention with ``output_attentions=True``, every layer's maps kept and
-  no metric computed. Skipped (and said so) where its estimated memory would not fit.
+  no metric computed. Skipped (and said so) where its estimated memory would not fit;
+- ``paired``: ``forward`` and ``stats`` run alternately in one process; the table's times for those two come
+  from here, so that their ratio does not depend on how busy the machine was when each ran alone.
 
 Run (SmolLM2 on this CPU; one table with ratios measured side by side in the same run):
 
@@ -53,6 +55,20 @@ def run_case(model_name: str, case: str, n: int, repeat: int) -> dict:
     prompt = sinkscope.Prompt("bench", lm.tokenizer.decode(ids[0]))
     base = lm.model.base_model
     rss_kb = _current_rss_kb()
+    if case == "paired":
+        # Forward and statistics mode alternately in one process: their time ratio does not depend on how
+        # fast the machine happened to be when each of the separate cases ran.
+        best = {"forward": float("inf"), "stats": float("inf")}
+        for _ in range(repeat):
+            for which in best:
+                t0 = time.perf_counter()
+                with torch.no_grad():
+                    if which == "forward":
+                        base(input_ids=ids, use_cache=False)
+                    else:
+                        analyze(lm, prompt, max_tokens=n, mode="stats", progress=False)
+                best[which] = min(best[which], time.perf_counter() - t0)
+        return {"case": case, "tokens": n, "runs": repeat, "forward_s": best["forward"], "stats_s": best["stats"]}
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -126,7 +142,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
-    ap.add_argument("--repeat", type=int, default=2, help="runs per case, fastest kept (default 2; naive runs once)")
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="runs of the timed cases (paired, maps), fastest kept (default 2)")
     ap.add_argument("--no-naive", action="store_true", help="leave out naive output_attentions capture")
     ap.add_argument("--maps", action="store_true", help="also run the analysis from whole eager maps")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
@@ -136,7 +153,7 @@ def main() -> None:
         print(json.dumps(run_case(args.model, args.child[0], int(args.child[1]), args.repeat)))
         return
 
-    cases = ["forward", "stats"] + (["maps"] if args.maps else []) + ([] if args.no_naive else ["naive"])
+    cases = ["forward", "stats", "paired"] + (["maps"] if args.maps else []) + ([] if args.no_naive else ["naive"])
     rows, skipped = [], []
     shape = _shape(args.model)
     for n in args.tokens:
@@ -146,7 +163,8 @@ def main() -> None:
                                f"{_available_bytes() / 2**30:.0f} GiB available")
                 print(f"  skipped {skipped[-1]}", file=sys.stderr)
                 continue
-            repeat = 1 if case == "naive" else args.repeat
+            # forward and stats give their memory here (times: the paired case), naive is slow: one run each.
+            repeat = args.repeat if case in ("paired", "maps") else 1
             cmd = [sys.executable, __file__, "--model", args.model, "--repeat", str(repeat), "--child", case, str(n)]
             res = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if res.returncode != 0:
@@ -154,10 +172,16 @@ def main() -> None:
                 continue
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
             r = rows[-1]
-            print(f"  {case:>8} {n:>6} tokens: {r['seconds']:8.2f} s  peak +{r['peak_mb']:8.0f} MB", file=sys.stderr)
+            if case == "paired":
+                print(f"  {case:>8} {n:>6} tokens: forward {r['forward_s']:.2f} s, stats {r['stats_s']:.2f} s "
+                      "(alternating)", file=sys.stderr)
+            else:
+                print(f"  {case:>8} {n:>6} tokens: {r['seconds']:8.2f} s  peak +{r['peak_mb']:8.0f} MB",
+                      file=sys.stderr)
 
     print(f"\nmodel {args.model}, torch threads {os.environ.get('BENCH_THREADS', os.cpu_count())}, "
-          f"best of {args.repeat} (naive: 1 run); peak = resident memory above the loaded model")
+          f"best of {args.repeat} (naive: 1 run); forward and stats times from one process running them "
+          "alternately; peak = resident memory above the loaded model, each case in its own process")
     head = (f"{'tokens':>6} | {'forward s':>9} | {'stats s':>8} | {'stats/fwd t':>11} | {'fwd MB':>7} | "
             f"{'stats MB':>8} | {'stats/fwd m':>11} | {'naive s':>8} | {'naive MB':>8} | "
             f"{'naive/stats t':>13} | {'naive/stats m':>13}")
@@ -170,6 +194,10 @@ def main() -> None:
         f, s = by.get(("forward", n)), by.get(("stats", n))
         if not (f and s):
             continue
+        pair = by.get(("paired", n))
+        if pair:  # times from the alternating run; memory from the separate processes
+            f, s = {**f, "seconds": pair["forward_s"]}, {**s, "seconds": pair["stats_s"]}
+            by[("forward", n)], by[("stats", n)] = f, s
         line = (f"{n:>6} | {f['seconds']:>9.2f} | {s['seconds']:>8.2f} | {s['seconds'] / f['seconds']:>11.2f} | "
                 f"{f['peak_mb']:>7.0f} | {s['peak_mb']:>8.0f} | {s['peak_mb'] / max(f['peak_mb'], 1):>11.2f}")
         nv = by.get(("naive", n))
