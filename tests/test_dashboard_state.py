@@ -67,9 +67,14 @@ def test_streams_at_once_are_limited_and_sessions_are_separate(streams):
 
 def test_the_reaper_stops_streams_whose_page_stopped_polling(streams):
     s = streams.start("a", request(max_new_tokens=500))
+    # The page was last seen a while ago (set directly: a 500-token tiny stream may finish before any wait).
+    s.last_seen -= 60
+    assert s.running
+    streams.reap()  # what the reaper thread does every second
     wait(lambda: not s.running, timeout=10)
     assert "stopped polling" in s.stop_reason
-    assert describe(s)["state"] == "stopped"
+    assert describe(s)["state"] == "stopped" and len(s.tokens) < 500 + len(TEXT)
+    assert streams._reaper.is_alive()
 
 
 def test_a_finished_stream_reports_done(streams):
