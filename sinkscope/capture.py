@@ -353,7 +353,10 @@ def stats_supported(model: nn.Module) -> str | None:
 def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | None = None,
                   map_size: int | None = None, local: int = LOCAL_WINDOW, block_bytes: int | None = None,
                   on_layer: Callable[[int, LayerStats], None] | None = None) -> Iterator[StatsCapture]:
-    """Statistics mode: exact per-head sink metrics of every forward pass in the block, no T x T maps kept.
+    """Statistics mode: exact per-head sink metrics of a forward pass in the block, no T x T maps kept.
+
+    ``StatsCapture.stats[layer]`` holds the numbers of the last forward pass run inside the block (run one
+    forward per block, or read them between passes).
 
     Args:
         model: a Hugging Face causal LM whose attention goes through transformers' attention interface
