@@ -466,15 +466,15 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
 
 
 _CAPTURE_TEXT = {"maps": "whole maps: eager attention, forward hooks, per-layer reduction",
-                 "stats": "statistics mode: SDPA forward, exact per-head statistics in blocks of query rows, "
-                          "no T x T maps"}
+                 "stats": "statistics mode: probabilities formed in blocks of query rows by a registered "
+                          "attention function, exact per-head statistics, no T x T maps"}
 
 
 def _capture_text(modes: list[str]) -> str:
     used = sorted(set(modes), key=modes.index)
     if len(used) == 1:
         return _CAPTURE_TEXT[used[0]]
-    return "; ".join(f"{_CAPTURE_TEXT[m]} ({modes.count(m)} prompts)" for m in used)
+    return "; ".join(f"{_CAPTURE_TEXT[m]} ({modes.count(m)} prompt{'s' * (modes.count(m) > 1)})" for m in used)
 
 
 def _mode_for(mode: str, n_tokens: int, unsupported: str | None) -> str:
