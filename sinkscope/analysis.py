@@ -407,8 +407,8 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
         share: the recommendation's target share of the first-K mass.
         threshold: first-token mass above which a head is a sink head.
         mode: ``"maps"`` captures whole eager attention maps (T x T per head, for short prompts);
-            ``"stats"`` computes the same numbers in statistics mode (SDPA forward plus block-wise
-            statistics, no T x T map: long prompts); ``"auto"`` (default) uses statistics mode for prompts
+            ``"stats"`` computes the same numbers in statistics mode (probabilities formed block by block,
+            no T x T map: long prompts); ``"auto"`` (default) uses statistics mode for prompts
             longer than ``STATS_FROM_TOKENS`` when the model supports it. Each prompt records its mode.
         progress: show a progress bar.
 
@@ -511,7 +511,7 @@ def _layer_list(layers: Sequence[int] | None, n: int) -> list[int]:
 
 
 def _encode(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int) -> torch.Tensor:
-    ids = lm.tokenizer(prompt.text, return_tensors="pt", truncation=False).input_ids
+    ids = lm.tokenizer(prompt.text, return_tensors="pt").input_ids
     limit = max_tokens or lm.spec.max_positions
     if limit and ids.shape[1] > limit:
         ids = ids[:, :limit]
@@ -654,7 +654,7 @@ def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
 
 def _sink_positions(received: np.ndarray, t: int, k_max: int, n_pairs: int, tokens: list[str],
                     ids: list[int], bos_id: int | None) -> list[SinkPosition]:
-    queries = np.maximum(0, t - np.maximum(k_max, np.arange(t) + metrics.LOCAL_WINDOW))
+    queries = metrics.distant_queries(t, k_max)
     # Rank only positions seen by enough distant queries: a mean over two queries is noise, not a sink.
     min_q = min(16, int(queries.max())) if queries.max() > 0 else 1
     ok = queries >= max(1, min_q)

@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "N may exceed it, and the report flags such prompts)")
     p_rep.add_argument("--mode", choices=["auto", "maps", "stats"], default="auto",
                        help="how attention is measured: maps = whole eager maps (short prompts), stats = "
-                            "statistics mode (SDPA forward plus exact block-wise statistics, no T x T maps: long "
+                            "statistics mode (the same numbers computed block by block, no T x T maps: long "
                             "prompts), auto = stats for prompts over 1024 tokens (default)")
     p_rep.add_argument("--k-max", type=_positive_int, default=8, metavar="K",
                        help="measure the first K tokens as sink candidates (default: 8)")

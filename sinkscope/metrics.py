@@ -70,6 +70,11 @@ class ReceivedMass:
     heads: int
 
 
+def distant_queries(t: int, k_max: int, local: int = LOCAL_WINDOW) -> np.ndarray:
+    """``[T]``: how many queries q >= max(K, j + local) each key j has: the queries that received mass counts."""
+    return np.maximum(0, t - np.maximum(k_max, np.arange(t) + local))
+
+
 def received_mass(probs: torch.Tensor, k_max: int, local: int = LOCAL_WINDOW) -> ReceivedMass:
     """How much attention each key position draws from queries at least ``local`` tokens later.
 
@@ -85,8 +90,7 @@ def received_mass(probs: torch.Tensor, k_max: int, local: int = LOCAL_WINDOW) ->
         diag = torch.diagonal(probs, offset=-d, dim1=-2, dim2=-1).double().sum(0)  # A[j + d, j]
         js = torch.arange(t - d, device=probs.device)
         col[: t - d] -= torch.where(js + d >= k_max, diag, torch.zeros_like(diag))
-    js = np.arange(t)
-    queries = np.maximum(0, t - np.maximum(k_max, js + local))
+    queries = distant_queries(t, k_max, local)
     total = col.clamp_min(0).cpu().numpy()
     total[queries == 0] = 0.0
     return ReceivedMass(total=total, queries=queries, heads=h)
@@ -182,13 +186,11 @@ class ChunkedStats:
         self._seen = torch.zeros(t, dtype=torch.bool)
         # Row weights of the one matrix product per block: a row per query bin (pooled map), and the rows
         # q >= K (received mass). Their products are summed per key in float64.
-        weights = torch.zeros(n_bins + 1, t, dtype=torch.float32, device=device)
-        for i, (a, b) in enumerate(bins or []):
-            weights[i, a:b] = 1.0
-        weights[n_bins, k_max:] = 1.0
-        self._weights = weights
+        self._weights = torch.zeros(n_bins + 1, t, dtype=torch.float32, device=device)
+        self._weights[n_bins, k_max:] = 1.0
         self._bin_of = torch.full((t,), -1, dtype=torch.long)
         for i, (a, b) in enumerate(bins or []):
+            self._weights[i, a:b] = 1.0
             self._bin_of[a:b] = i
         self._sums = zeros("sums", (n_heads, n_bins + 1, t), torch.float64)
         self._band_back = torch.arange(local, device=device)
@@ -236,8 +238,7 @@ class ChunkedStats:
         ok = (keys >= 0) & (qs >= k)
         band = self._band.double().sum(0)  # [T, local]
         col.index_add_(0, keys[ok], -band[ok])
-        js = np.arange(t)
-        queries = np.maximum(0, t - np.maximum(k, js + self.local))
+        queries = distant_queries(t, k, self.local)
         total = col.clamp_min(0).cpu().numpy()
         total[queries == 0] = 0.0
         pooled = None
