@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import _native
+
 SINK_THRESHOLD = 0.3  # first-token mass above which a head counts as a sink head (Gu et al., 2024)
 LOCAL_WINDOW = 8  # queries this close to a key are left out of "received mass": that is locality, not a sink
 _ENTROPY_CHUNK = 512  # queries per chunk, so entropy never allocates a second T x T tensor
@@ -161,13 +163,15 @@ class ChunkedStats:
 
     Feed :meth:`add` with rows ``[q0, q0 + C)`` of the causal attention ``[heads, C, keys]`` (keys may stop at
     ``q0 + C``: later keys are masked anyway) in any order, each row exactly once; :meth:`finish` returns the
-    same numbers that the whole-map functions give. Each block costs a few copies and one small matrix
-    product; the reductions run once, in :meth:`finish`. Memory is O(heads x T x (K + local + bins)).
+    same numbers that the whole-map functions give. Each block costs a few small copies and two matrix
+    products (rows -> query bins, then keys -> key bins), so the state stays O(heads x T x (K + local) +
+    heads x bins^2): no per-key array of every bin, and nothing left to reduce over T in :meth:`finish`.
     """
 
     def __init__(self, n_heads: int, t: int, k_max: int, *, local: int = LOCAL_WINDOW,
                  bins: list[tuple[int, int]] | None = None, device: torch.device | str = "cpu",
-                 scratch: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None) -> None:
+                 scratch: Callable[[str, tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+                 native: bool = True) -> None:
         if not 1 <= k_max < t:
             raise ValueError(f"k_max must be in [1, T) = [1, {t}), got {k_max}")
         self.h, self.t, self.k, self.local, self.bins = n_heads, t, k_max, local, bins
@@ -184,21 +188,60 @@ class ChunkedStats:
         self._ent = zeros("entropy", (n_heads, t))
         self._band = zeros("band", (n_heads, t, local))
         self._seen = torch.zeros(t, dtype=torch.bool)
-        # Row weights of the one matrix product per block: a row per query bin (pooled map), and the rows
-        # q >= K (received mass). Their products are summed per key in float64.
+        # Row weights of the first product per block: a row per query bin (pooled map), and the rows q >= K
+        # (received mass). Sums are accumulated in float64.
         self._weights = torch.zeros(n_bins + 1, t, dtype=torch.float32, device=device)
         self._weights[n_bins, k_max:] = 1.0
         self._bin_of = torch.full((t,), -1, dtype=torch.long)
+        # Key-bin membership [T, bins]: the second product sums each query bin's row over the keys of a bin.
+        self._key_bins = torch.zeros(t, n_bins, dtype=torch.float32, device=device)
         for i, (a, b) in enumerate(bins or []):
             self._weights[i, a:b] = 1.0
             self._bin_of[a:b] = i
-        self._sums = zeros("sums", (n_heads, n_bins + 1, t), torch.float64)
+            self._key_bins[a:b, i] = 1.0
+        # The native row pass adds from several threads, each into a slot of its own; finish sums the slots.
+        self._native = native and torch.device(device).type == "cpu" and _native.library() is not None
+        self._threads = torch.get_num_threads() if self._native else 1
+        self._received = zeros("received", (self._threads, t), torch.float64)  # summed over heads
+        self._pooled = zeros("pooled", (self._threads, n_heads, n_bins, n_bins), torch.float64)
         self._band_back = torch.arange(local, device=device)
+        self._edges = torch.tensor([a for a, _ in bins] + [t], dtype=torch.long) if bins else None
+        self._causal: torch.Tensor | None = None
+
+    def add_scores(self, scores: torch.Tensor, q0: int, probs: torch.Tensor, *, causal: bool) -> torch.Tensor:
+        """Take query rows ``q0 .. q0 + C - 1`` as scaled scores ``[heads, C, keys]`` (float32): form their
+        probabilities into ``probs`` (same shape) and keep the rows' statistics; returns ``probs``.
+
+        ``causal``: each row sees the keys up to its own position and ``scores`` needs no mask; otherwise the
+        caller has filled masked scores with a large negative finite value. ``scores`` may be overwritten.
+        """
+        self._check_rows(scores.shape, q0)
+        if self._native and scores.is_contiguous() and probs.is_contiguous() and scores.dtype == torch.float32:
+            _native.rows(scores, probs, q0, causal, self.t, self.k, self.local, self._first, self._band,
+                         self._ent, self._received, self._pooled if self.bins else None, self._edges,
+                         self._bin_of if self.bins else None, self._threads)
+            return probs
+        c = scores.shape[1]
+        if causal:  # keys after the row's own position: the strict upper triangle of the diagonal square
+            if self._causal is None or self._causal.shape[0] < c:
+                self._causal = torch.ones(c, c, dtype=torch.bool, device=scores.device).triu_(1)
+            scores[:, :, q0: q0 + c].masked_fill_(self._causal[:c, :c], torch.finfo(torch.float32).min)
+        torch.ops.aten._softmax.out(scores, -1, False, out=probs)
+        # Entropy without a logarithm per entry: H = log Z - sum(p * s), where the row maximum m has
+        # p = exp(m) / Z, so log Z = m - log(max p). (float32 error ~1e-6 nats for |s| ~ 30.)
+        top = scores.amax(-1)
+        entropy = top.sub_(probs.amax(-1).log_()).sub_(scores.mul_(probs).sum(-1))
+        self._add(probs, q0, entropy)
+        return probs
 
     def add(self, probs: torch.Tensor, q0: int, entropy: torch.Tensor | None = None) -> None:
         """Take query rows ``q0 .. q0 + C - 1``: ``probs`` ``[heads, C, keys]`` (float32), optional per-row
         entropy ``[heads, C]`` in nats (computed from ``probs`` when not given)."""
-        h, c, n_keys = probs.shape
+        self._check_rows(probs.shape, q0)
+        self._add(probs, q0, entropy)
+
+    def _check_rows(self, shape: torch.Size, q0: int) -> None:
+        h, c, n_keys = shape
         q1 = q0 + c
         if h != self.h or q0 < 0 or q1 > self.t or n_keys < q1:
             raise ValueError(f"rows [{q0}, {q1}) with {n_keys} keys don't fit a [{self.h}, {self.t}, "
@@ -206,19 +249,25 @@ class ChunkedStats:
         if bool(self._seen[q0:q1].any()):
             raise ValueError(f"rows [{q0}, {q1}) overlap rows added before")
         self._seen[q0:q1] = True
+
+    def _add(self, probs: torch.Tensor, q0: int, entropy: torch.Tensor | None) -> None:
+        h, c, n_keys = probs.shape
+        q1 = q0 + c
         self._first[:, q0:q1, : min(self.k, n_keys)] = probs[:, :, : self.k]
         self._ent[:, q0:q1] = torch.special.entr(probs).sum(-1) if entropy is None else entropy
         # Band entries (q, q - d); for q - d < 0 the index is clamped and the value dropped in finish.
         cols = (torch.arange(q0, q1, device=probs.device)[:, None] - self._band_back[None, :]).clamp_min(0)
         self._band[:, q0:q1] = probs.gather(-1, cols.expand(h, -1, -1))
-        if self.bins:
-            first, last = int(self._bin_of[q0]), int(self._bin_of[q1 - 1])
-            rows = torch.cat([self._weights[first: last + 1, q0:q1], self._weights[-1:, q0:q1]])
-            sums = rows @ probs  # [heads, bins touched + 1, keys]
-            self._sums[:, first: last + 1, :n_keys] += sums[:, :-1]
-            self._sums[:, -1, :n_keys] += sums[:, -1]
-        else:
-            self._sums[:, -1, :n_keys] += (self._weights[-1:, q0:q1] @ probs)[:, 0]
+        if not self.bins:
+            self._received[0, :n_keys] += (self._weights[-1:, q0:q1] @ probs).sum((0, 1))
+            return
+        first, last = int(self._bin_of[q0]), int(self._bin_of[q1 - 1])
+        rows = torch.cat([self._weights[first: last + 1, q0:q1], self._weights[-1:, q0:q1]])
+        sums = rows @ probs  # [heads, query bins touched + 1, keys]
+        self._received[0, :n_keys] += sums[:, -1].sum(0)
+        touched = last - first + 1
+        key_binned = sums[:, :-1].reshape(h * touched, n_keys) @ self._key_bins[:n_keys]
+        self._pooled[0, :, first: last + 1] += key_binned.view(h, touched, -1)
 
     def finish(self) -> LayerStats:
         """The layer's metrics; every query row must have been added exactly once."""
@@ -232,7 +281,7 @@ class ChunkedStats:
         sm = first.cumsum(-1).sum(1) / n
         ent = self._ent[:, k:].double().sum(1) / n
         # Received mass: column sums over rows q >= K, minus the band q in [j, j + local) with q >= K.
-        col = self._sums[:, -1].sum(0)
+        col = self._received.sum(0)
         qs = torch.arange(t, device=col.device)[:, None]
         keys = qs - self._band_back[None, :]
         ok = (keys >= 0) & (qs >= k)
@@ -242,14 +291,9 @@ class ChunkedStats:
         total = col.clamp_min(0).cpu().numpy()
         total[queries == 0] = 0.0
         pooled = None
-        if self.bins:
-            # Sum keys within each key bin (a cumulative sum read at the bin edges), then average the queries.
-            cum = self._sums[:, :-1].cumsum(-1)
-            edges = torch.tensor([b - 1 for _, b in self.bins], device=cum.device)
-            at = cum.index_select(-1, edges)
-            key_bins = torch.diff(at, dim=-1, prepend=torch.zeros_like(at[..., :1]))
-            width = torch.tensor([b - a for a, b in self.bins], dtype=torch.float64, device=cum.device)
-            pooled = (key_bins / width[None, :, None]).cpu().numpy()
+        if self.bins:  # queries averaged within their bin
+            width = torch.tensor([b - a for a, b in self.bins], dtype=torch.float64, device=col.device)
+            pooled = (self._pooled.sum(0) / width[None, :, None]).cpu().numpy()
         return LayerStats(first_token_mass=ftm.cpu().numpy(), sink_mass=sm.cpu().numpy(),
                           entropy=ent.cpu().numpy(), received=ReceivedMass(total=total, queries=queries, heads=self.h),
                           pooled=pooled, bins=self.bins)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from conftest import TEXT_24, TEXT_60, build_llama
 
-from sinkscope import analyze, capture_stats
+from sinkscope import _native, analyze, capture_stats
 from sinkscope.capture import STATS_IMPLEMENTATION, find_attention_modules, pool_bins
 from sinkscope.errors import CaptureError, ConfigError
 from sinkscope.metrics import ChunkedStats
@@ -34,9 +36,21 @@ def _assert_matches(stats, a, ref, bins=None):
         np.testing.assert_allclose(stats.pooled, ref.pool(a, bins), atol=1e-6)
 
 
+@pytest.fixture(params=["native", "torch"])
+def row_pass(request, monkeypatch):
+    """Each CPU row pass in turn: the fused C library (``sinkscope._native``) and the torch ops."""
+    if request.param == "torch":
+        monkeypatch.setattr(_native, "library", lambda: None)
+    elif _native.library() is None:
+        # A machine with a C compiler must build it: failing here beats a silent fall-back to the slow path.
+        assert not shutil.which("cc") and not shutil.which("gcc"), _native.unavailable()
+        pytest.skip(f"no native row pass here: {_native.unavailable()}")
+    return request.param
+
+
 # Block sizes: one row per block (the smallest a block can be), a few rows, and the whole prompt at once.
 @pytest.mark.parametrize("block_bytes", [1, 20_000, 1 << 30])
-def test_stats_equal_eager_maps(tiny, ref, block_bytes):
+def test_stats_equal_eager_maps(tiny, ref, block_bytes, row_pass):
     ids = ref.encode(tiny, LONG, tiny.spec.max_positions)
     maps = ref.eager_attentions(tiny.model, ids)
     cap = _stats(tiny, ids, map_size=12, block_bytes=block_bytes)
@@ -55,7 +69,7 @@ def test_unpooled_short_prompt_keeps_every_cell(tiny_llama, ref):
     np.testing.assert_allclose(cap.stats[1].pooled, maps[1], atol=1e-6)
 
 
-def test_model_output_is_unchanged(tiny):
+def test_model_output_is_unchanged(tiny, row_pass):
     """The layer outputs that statistics mode computes itself give the model's own logits."""
     ids = tiny.tokenizer(LONG, return_tensors="pt").input_ids[:, : tiny.spec.max_positions]
     with torch.no_grad():
@@ -163,6 +177,46 @@ def test_chunked_stats_any_block_order(ref):
         acc.add(probs[:, q0:q1, :q1], q0)
     st = acc.finish()
     _assert_matches(st, probs.double().numpy(), ref, bins)
+
+
+def test_chunked_stats_from_scores(ref, row_pass):
+    """add_scores forms the probabilities itself: causal rows need no mask, masked rows a finite fill."""
+    g = torch.Generator().manual_seed(1)
+    t, bins = 50, pool_bins(50, 9)
+    scores = torch.randn(3, t, t, generator=g) * 4
+    scores[:, 20:, 3] += 9  # a sink at position 3
+    causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+    window = causal | torch.ones(t, t, dtype=torch.bool).tril(-6)  # sliding window of 6, as Gemma-3's layers
+    for is_causal, masked in [(True, causal), (False, window)]:
+        probs = torch.softmax(scores.masked_fill(masked, float("-inf")), -1)
+        acc = ChunkedStats(3, t, K, bins=bins)
+        for q0, q1 in [(0, 1), (1, 9), (9, 30), (30, 50)]:
+            block = scores[:, q0:q1, :q1].clone()
+            if not is_causal:
+                block.masked_fill_(masked[q0:q1, :q1], torch.finfo(torch.float32).min)
+            got = acc.add_scores(block.contiguous(), q0, torch.empty_like(block), causal=is_causal)
+            torch.testing.assert_close(got, probs[:, q0:q1, :q1], atol=1e-6, rtol=1e-5)
+        _assert_matches(acc.finish(), probs.double().numpy(), ref, bins)
+
+
+def test_native_build_failure_falls_back(monkeypatch, tmp_path, caplog):
+    """A compiler that fails leaves statistics mode on its torch path, with one warning, not an error."""
+    monkeypatch.setenv("SINKSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # on PATH, exits 1
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setattr(_native, "_lib", None)
+    monkeypatch.setattr(_native, "_why_not", None)
+    with caplog.at_level("WARNING", logger="sinkscope._native"):
+        assert _native.library() is None
+    assert "false failed" in _native.unavailable() and "torch path" in caplog.text
+    probs = _random_causal(2, 20)
+    acc = ChunkedStats(2, 20, 4)
+    assert not acc._native
+    acc.add_scores(probs.log().clamp_min(-1e30).contiguous(), 0, torch.empty_like(probs), causal=True)
+    np.testing.assert_allclose(acc.finish().first_token_mass, probs[:, 4:, 0].double().mean(1).numpy(), atol=1e-6)
+    monkeypatch.setattr(_native, "_tried", False)
+    monkeypatch.setenv("SINKSCOPE_NATIVE", "0")
+    assert _native.library() is None and "SINKSCOPE_NATIVE=0" in _native.unavailable()
 
 
 def test_chunked_stats_refuses_overlaps_gaps_and_bad_shapes():
