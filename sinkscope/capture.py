@@ -10,9 +10,11 @@ Two ways in:
   tokens.
 * :func:`capture_stats` (statistics mode, for long prompts). A registered attention function receives each
   layer's rotated queries, keys and values and computes the probabilities one block of query rows at a
-  time: the block feeds :class:`sinkscope.metrics.ChunkedStats` and, multiplied by the values, gives the
-  layer's output (so the forward costs one attention, not SDPA's plus ours). Nothing of size T x T is ever
-  held; the metrics are the same numbers as from whole maps (exact, not sampled).
+  time: :meth:`sinkscope.metrics.ChunkedStats.add_scores` turns each block of scores into probabilities
+  and keeps their statistics (a fused C pass on the CPU, see :mod:`sinkscope._native`), and the block
+  multiplied by the values gives the layer's output (so the forward costs one attention, not SDPA's plus
+  ours). Nothing of size T x T is ever held; the metrics are the same numbers as from whole maps (exact,
+  not sampled).
 
 Either way the user's attention implementation is restored when the block exits, also on error.
 """

@@ -199,6 +199,12 @@ def test_chunked_stats_from_scores(ref, row_pass):
         _assert_matches(acc.finish(), probs.double().numpy(), ref, bins)
 
 
+def test_native_library_leaves_denormals_alone(row_pass):
+    """The library is built with -ffast-math but must not switch the process to flush denormals to zero."""
+    tiny = torch.tensor([1e-39])
+    assert (tiny * 1.0).item() > 0 and (tiny / 2).item() > 0
+
+
 def test_native_build_failure_falls_back(monkeypatch, tmp_path, caplog):
     """A compiler that fails leaves statistics mode on its torch path, with one warning, not an error."""
     monkeypatch.setenv("SINKSCOPE_CACHE", str(tmp_path))

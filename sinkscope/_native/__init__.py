@@ -24,6 +24,7 @@ import torch  # first: the library's OpenMP reference must bind to the runtime t
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("rows.c")
 VERSION = 1  # sinkscope_rows_version() of rows.c
+_RECIPE = 2  # of the build commands in _build: a change means a new library
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -39,7 +40,10 @@ def _compiler() -> str | None:
 
 
 def _flags() -> list[str]:
-    flags = ["-O3", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+    """Compile flags. -ffast-math lets the compiler vectorize expf and the reductions; it is given to the
+    compile step only: linked with it, the library would carry crtfastmath, which switches the loading
+    thread to flush denormals to zero, for torch and everything else in the process."""
+    flags = ["-O3", "-ffast-math", "-fopenmp", "-fPIC"]
     if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
         flags.append("-march=native")  # built on the machine that runs it, so its own vector units
     return flags
@@ -60,18 +64,19 @@ def _build(cc: str) -> Path:
     flags = _flags()
     source = SOURCE.read_bytes()
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256(b"\0".join([source, " ".join(flags).encode(), version.encode(),
+    key = hashlib.sha256(b"\0".join([source, str(_RECIPE).encode(), " ".join(flags).encode(), version.encode(),
                                      platform.machine().encode(), _cpu_flags()])).hexdigest()[:16]
     out = cache_dir() / "native" / f"rows-{key}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-        built = Path(tmp) / out.name
-        res = subprocess.run([cc, *flags, str(SOURCE), "-o", str(built), "-lm"], capture_output=True, text=True,
-                             check=False)
-        if res.returncode != 0:
-            raise OSError(f"{cc} failed: {(res.stderr or res.stdout).strip()[-500:]}")
+        obj, built = Path(tmp) / "rows.o", Path(tmp) / out.name
+        for cmd in ([cc, *flags, "-c", str(SOURCE), "-o", str(obj)],
+                    [cc, "-shared", "-fopenmp", str(obj), "-o", str(built), "-lm"]):
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise OSError(f"{cc} failed: {(res.stderr or res.stdout).strip()[-500:]}")
         os.replace(built, out)  # atomic: a concurrent process sees the whole library or none
     return out
 
