@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import metrics
+from . import _native, metrics
 from .capture import CPU_BLOCK_BYTES, capture, capture_stats, default_block_bytes, pool_map, stats_supported
 from .errors import CaptureError, ConfigError, PromptError
 from .models import LoadedModel, ModelSpec
@@ -461,6 +461,8 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
                 "mode": mode, "capture": _capture_text(modes), "local_window": metrics.LOCAL_WINDOW}
     if mode == "auto":
         settings["stats_from_tokens"] = STATS_FROM_TOKENS
+    if "stats" in modes:
+        settings["row_pass"] = _native.describe(device)
     return SinkProfile(model=spec, prompts=results, layers=layer_list, k_max=k_max, settings=settings,
                        recommendation=rec, threshold=threshold)
 

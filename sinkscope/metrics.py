@@ -188,19 +188,13 @@ class ChunkedStats:
         self._ent = zeros("entropy", (n_heads, t))
         self._band = zeros("band", (n_heads, t, local))
         self._seen = torch.zeros(t, dtype=torch.bool)
-        # Row weights of the first product per block: a row per query bin (pooled map), and the rows q >= K
-        # (received mass). Sums are accumulated in float64.
-        self._weights = torch.zeros(n_bins + 1, t, dtype=torch.float32, device=device)
-        self._weights[n_bins, k_max:] = 1.0
         self._bin_of = torch.full((t,), -1, dtype=torch.long)
-        # Key-bin membership [T, bins]: the second product sums each query bin's row over the keys of a bin.
-        self._key_bins = torch.zeros(t, n_bins, dtype=torch.float32, device=device)
         for i, (a, b) in enumerate(bins or []):
-            self._weights[i, a:b] = 1.0
             self._bin_of[a:b] = i
-            self._key_bins[a:b, i] = 1.0
+        self._device = torch.device(device)
+        self._products: tuple[torch.Tensor, torch.Tensor] | None = None  # built by the torch path's first block
         # The native row pass adds from several threads, each into a slot of its own; finish sums the slots.
-        self._native = native and torch.device(device).type == "cpu" and _native.library() is not None
+        self._native = native and self._device.type == "cpu" and _native.library() is not None
         self._threads = torch.get_num_threads() if self._native else 1
         self._received = zeros("received", (self._threads, t), torch.float64)  # summed over heads
         self._pooled = zeros("pooled", (self._threads, n_heads, n_bins, n_bins), torch.float64)
@@ -250,8 +244,24 @@ class ChunkedStats:
             raise ValueError(f"rows [{q0}, {q1}) overlap rows added before")
         self._seen[q0:q1] = True
 
+    def _product_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The torch path's two products per block. Row weights ``[bins + 1, T]``: a row per query bin
+        (pooled map) and the rows q >= K (received mass); key-bin membership ``[T, bins]``, which sums each
+        query bin's row over the keys of a bin."""
+        if self._products is None:
+            n_bins = len(self.bins) if self.bins else 0
+            weights = torch.zeros(n_bins + 1, self.t, dtype=torch.float32, device=self._device)
+            weights[n_bins, self.k:] = 1.0
+            key_bins = torch.zeros(self.t, n_bins, dtype=torch.float32, device=self._device)
+            for i, (a, b) in enumerate(self.bins or []):
+                weights[i, a:b] = 1.0
+                key_bins[a:b, i] = 1.0
+            self._products = weights, key_bins
+        return self._products
+
     def _add(self, probs: torch.Tensor, q0: int, entropy: torch.Tensor | None) -> None:
         h, c, n_keys = probs.shape
+        weights, key_bins = self._product_weights()
         q1 = q0 + c
         self._first[:, q0:q1, : min(self.k, n_keys)] = probs[:, :, : self.k]
         self._ent[:, q0:q1] = torch.special.entr(probs).sum(-1) if entropy is None else entropy
@@ -259,14 +269,14 @@ class ChunkedStats:
         cols = (torch.arange(q0, q1, device=probs.device)[:, None] - self._band_back[None, :]).clamp_min(0)
         self._band[:, q0:q1] = probs.gather(-1, cols.expand(h, -1, -1))
         if not self.bins:
-            self._received[0, :n_keys] += (self._weights[-1:, q0:q1] @ probs).sum((0, 1))
+            self._received[0, :n_keys] += (weights[-1:, q0:q1] @ probs).sum((0, 1))
             return
         first, last = int(self._bin_of[q0]), int(self._bin_of[q1 - 1])
-        rows = torch.cat([self._weights[first: last + 1, q0:q1], self._weights[-1:, q0:q1]])
+        rows = torch.cat([weights[first: last + 1, q0:q1], weights[-1:, q0:q1]])  # sums in float64
         sums = rows @ probs  # [heads, query bins touched + 1, keys]
         self._received[0, :n_keys] += sums[:, -1].sum(0)
         touched = last - first + 1
-        key_binned = sums[:, :-1].reshape(h * touched, n_keys) @ self._key_bins[:n_keys]
+        key_binned = sums[:, :-1].reshape(h * touched, n_keys) @ key_bins[:n_keys]
         self._pooled[0, :, first: last + 1] += key_binned.view(h, touched, -1)
 
     def finish(self) -> LayerStats:

@@ -223,6 +223,17 @@ def test_native_build_failure_falls_back(monkeypatch, tmp_path, caplog):
     monkeypatch.setattr(_native, "_tried", False)
     monkeypatch.setenv("SINKSCOPE_NATIVE", "0")
     assert _native.library() is None and "SINKSCOPE_NATIVE=0" in _native.unavailable()
+    assert _native.describe("cpu") == "torch operations (turned off by SINKSCOPE_NATIVE=0)"
+    assert _native.describe("cuda") == "torch operations (on cuda)"
+
+
+def test_damaged_cached_library_is_rebuilt(monkeypatch, tmp_path):
+    monkeypatch.setenv("SINKSCOPE_CACHE", str(tmp_path))
+    if _native._compiler() is None:
+        pytest.skip("no C compiler")
+    path = _native._build(_native._compiler())
+    path.write_bytes(b"not a library")
+    assert _native._load().sinkscope_rows_version() == _native.VERSION
 
 
 def test_chunked_stats_refuses_overlaps_gaps_and_bad_shapes():
@@ -253,6 +264,7 @@ def test_analyze_stats_equals_maps(request, name):
     assert [p.capture for p in stats.prompts] == ["stats", "stats"]
     assert [p.capture for p in maps.prompts] == ["maps", "maps"]
     assert stats.settings["capture"].startswith("statistics mode")
+    assert stats.settings["row_pass"] == _native.describe("cpu") and "row_pass" not in maps.settings
     for a, b in zip(maps.prompts, stats.prompts, strict=True):
         assert a.n_tokens == b.n_tokens and a.tokens == b.tokens
         np.testing.assert_allclose(b.first_token_mass, a.first_token_mass, atol=1e-6)

@@ -85,7 +85,12 @@ def _load() -> ctypes.CDLL:
     cc = _compiler()
     if cc is None:
         raise OSError("no C compiler (cc, gcc or clang) on PATH")
-    lib = ctypes.CDLL(str(_build(cc)))
+    path = _build(cc)
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # a damaged cached library (a disk that filled up, say): build it once more
+        path.unlink(missing_ok=True)
+        lib = ctypes.CDLL(str(_build(cc)))
     if lib.sinkscope_rows_version() != VERSION:
         raise OSError("stale native library")
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -118,6 +123,15 @@ def unavailable() -> str | None:
     """Why the native row pass is not used (None when it is)."""
     library()
     return _why_not
+
+
+def describe(device: torch.device | str) -> str:
+    """Which row pass statistics mode uses on ``device``, for reports."""
+    device = torch.device(device)
+    if device.type != "cpu":
+        return f"torch operations (on {device.type})"
+    why = unavailable()
+    return "native C (sinkscope/_native/rows.c)" if why is None else f"torch operations ({why})"
 
 
 def rows(scores: torch.Tensor, probs: torch.Tensor, q0: int, causal: bool, t: int, k_max: int, local: int,
