@@ -179,9 +179,13 @@ def main() -> None:
                 print(f"  {case:>8} {n:>6} tokens: {r['seconds']:8.2f} s  peak +{r['peak_mb']:8.0f} MB",
                       file=sys.stderr)
 
+    from sinkscope import _native
+
+    row_pass = _native.describe("cpu")  # what the children used: same machine, cache and environment
     print(f"\nmodel {args.model}, torch threads {os.environ.get('BENCH_THREADS', os.cpu_count())}, "
           f"best of {args.repeat} (naive: 1 run); forward and stats times from one process running them "
-          "alternately; peak = resident memory above the loaded model, each case in its own process")
+          "alternately; peak = resident memory above the loaded model, each case in its own process; "
+          f"statistics mode's row pass: {row_pass}")
     head = (f"{'tokens':>6} | {'forward s':>9} | {'stats s':>8} | {'stats/fwd t':>11} | {'fwd MB':>7} | "
             f"{'stats MB':>8} | {'stats/fwd m':>11} | {'naive s':>8} | {'naive MB':>8} | "
             f"{'naive/stats t':>13} | {'naive/stats m':>13}")
@@ -215,7 +219,7 @@ def main() -> None:
     _targets(by)
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "skipped": skipped}, fh, indent=1)
+            json.dump({"rows": rows, "skipped": skipped, "row_pass": row_pass}, fh, indent=1)
 
 
 if __name__ == "__main__":
