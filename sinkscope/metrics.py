@@ -194,7 +194,7 @@ class ChunkedStats:
         self._device = torch.device(device)
         self._products: tuple[torch.Tensor, torch.Tensor] | None = None  # built by the torch path's first block
         # The native row pass adds from several threads, each into a slot of its own; finish sums the slots.
-        self._native = native and self._device.type == "cpu" and _native.library() is not None
+        self._native = native and _native.usable(self._device)
         self._threads = torch.get_num_threads() if self._native else 1
         self._received = zeros("received", (self._threads, t), torch.float64)  # summed over heads
         self._pooled = zeros("pooled", (self._threads, n_heads, n_bins, n_bins), torch.float64)

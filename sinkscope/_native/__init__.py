@@ -125,13 +125,17 @@ def unavailable() -> str | None:
     return _why_not
 
 
+def usable(device: torch.device | str) -> bool:
+    """Whether statistics mode's blocks on ``device`` go through the native row pass (CPU tensors only)."""
+    return torch.device(device).type == "cpu" and library() is not None
+
+
 def describe(device: torch.device | str) -> str:
     """Which row pass statistics mode uses on ``device``, for reports."""
+    if usable(device):
+        return "native C (sinkscope/_native/rows.c)"
     device = torch.device(device)
-    if device.type != "cpu":
-        return f"torch operations (on {device.type})"
-    why = unavailable()
-    return "native C (sinkscope/_native/rows.c)" if why is None else f"torch operations ({why})"
+    return f"torch operations (on {device.type})" if device.type != "cpu" else f"torch operations ({unavailable()})"
 
 
 def rows(scores: torch.Tensor, probs: torch.Tensor, q0: int, causal: bool, t: int, k_max: int, local: int,

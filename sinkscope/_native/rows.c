@@ -18,8 +18,6 @@
 
 int sinkscope_rows_version(void) { return 1; }
 
-int sinkscope_max_threads(void) { return omp_get_max_threads(); }
-
 void sinkscope_rows(const float *scores, float *probs, int64_t heads, int64_t rows, int64_t ld, int64_t q0,
                     int causal, int64_t t, int64_t k_max, int64_t local, float *first, float *band,
                     float *entropy, double *received, double *pooled, const int64_t *edges, int64_t n_bins,
