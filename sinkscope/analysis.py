@@ -64,6 +64,9 @@ class PromptResult:
     sink_mass: np.ndarray  # [L, H, K]
     entropy: np.ndarray  # [L, H]
     sink_positions: list[SinkPosition]
+    # [L, H]: mean over queries q >= K of the mass that goes to the learned sink logit, to no token
+    # (gpt-oss); None for models without learned sinks.
+    learned_sink_mass: np.ndarray | None = None
     attention: AttentionMaps | None = None
     capture: str = "maps"  # how it was measured: "maps" (eager whole maps) or "stats" (statistics mode)
     beyond_context: bool = False  # longer than the model's trained context

@@ -1,0 +1,405 @@
+"""What a model family needs, decided once per model: :class:`AttentionScheme`.
+
+Capture, statistics mode, :class:`~sinkscope.streaming.SinkCache`, the memory profile, ``sinkscope models
+--check`` and ``docs/models.md`` all read this one description instead of each probing the model their own
+way. A new family is one entry in the tables below (or nothing at all, when it follows transformers' common
+conventions), not edits in four modules.
+
+The facts are read off the loaded model where they live, per layer: the attention modules (head dims,
+learned sink logits, whether their ``forward`` goes through transformers' attention interface), the rotary
+module (which dimensions rotate), and the config (layer types, sliding windows, soft-capping, layers without
+RoPE, KV sharing). From them :meth:`AttentionScheme.support` says, for each sinkscope mode, whether it serves
+the model exactly and, when it doesn't, why and what works instead.
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from torch import nn
+
+from .errors import CaptureError, ConfigError
+
+ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
+
+# Layer kinds: what one decoder layer does with its past.
+FULL, SLIDING, CHUNKED, LINEAR, OTHER = "full", "sliding", "chunked", "linear", "other"
+ATTENTION_KINDS = (FULL, SLIDING, CHUNKED)  # layers with softmax attention to capture
+_KIND_OF_TYPE = {"full_attention": FULL, "sliding_attention": SLIDING, "chunked_attention": CHUNKED,
+                 "linear_attention": LINEAR}
+
+# Positions: how a layer's attention knows where a key is.
+ROPE, ALIBI, ABSOLUTE, NONE = "rope", "alibi", "absolute", "none"
+
+# ---- the family tables: only what can't be read off the model ---------------------------------------------
+# Rotary embeddings that rotate adjacent pairs (2i, 2i+1) rather than transformers' usual halves.
+INTERLEAVED_ROPE = frozenset({"gptj", "cohere", "cohere2", "codegen"})
+# ALiBi: a per-head linear bias on the query-key distance instead of positions in the keys.
+ALIBI_FAMILIES = frozenset({"bloom", "mpt"})
+# transformers ignores set_attn_implementation("eager") on these after loading (it only warns): they must be
+# loaded with attn_implementation="eager" for whole maps (sinkscope.load_model does that).
+EAGER_AT_LOAD = frozenset({"falcon"})
+# Query-dependent attention scaling by absolute position (Llama-4's temperature tuning): positions in a
+# cache can't be re-assigned without changing the scores.
+POSITION_SCALED = frozenset({"llama4_text", "llama4"})
+# Modes a family is refused in although the checks below pass, with the reason.
+REFUSED: dict[tuple[str, str], str] = {}
+
+MODES = ("maps", "stats", "cache")
+MODE_NAMES = {"maps": "whole maps (capture, analyze mode='maps')",
+              "stats": "statistics mode (capture_stats, analyze mode='stats')",
+              "cache": "SinkCache (stream, eval-stream, dashboard stream)"}
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """One decoder layer as sinkscope sees it."""
+
+    index: int
+    kind: str  # full, sliding, chunked, linear, other
+    window: int | None  # sliding window or chunk size
+    positions: str  # rope, alibi, absolute, none
+    rotary_dim: int | None  # dimensions of each key head that rotate (rope)
+    qk_head_dim: int | None  # None for layers without softmax attention
+    v_head_dim: int | None
+    n_heads: int | None
+    n_kv_heads: int | None
+    shared_kv: bool = False  # reads the keys and values that an earlier layer of its kind stored
+
+    @property
+    def attends(self) -> bool:
+        """Whether the layer has softmax attention that capture can measure."""
+        return self.kind in ATTENTION_KINDS
+
+
+@dataclass(frozen=True)
+class Support:
+    """Whether a mode serves a model exactly; if not, why and what works instead."""
+
+    ok: bool
+    why: str | None = None
+    instead: str | None = None
+
+    def message(self, family: str, mode: str) -> str:
+        """The one-line refusal: family, mode, why, and the alternative."""
+        text = f"{family}: {MODE_NAMES[mode]} can't serve this model: {self.why}"
+        return f"{text}; {self.instead}" if self.instead else text
+
+
+@dataclass(frozen=True)
+class AttentionScheme:
+    """How a loaded model attends, per layer, and which sinkscope modes serve it (:func:`attention_scheme`)."""
+
+    family: str  # config.model_type of the text model
+    architecture: str
+    layers: tuple[LayerScheme, ...]
+    rope_layout: str | None  # "half" (rotate_half) or "interleaved" (adjacent pairs); None without RoPE
+    learned_sinks: bool  # per-head sink logits in every softmax (gpt-oss: s_aux)
+    softcap: float | None  # attention logit soft-capping (Gemma-2)
+    interface: bool  # every attention layer calls transformers' attention interface
+    eager_switch: bool  # set_attn_implementation("eager") takes effect after loading
+    kv_shared: bool  # some layers read keys and values that another layer stored
+    position_scaled: bool  # attention scaled by absolute position (refused by SinkCache)
+    rope_types: tuple[str, ...]  # rope_type per layer type (static RoPE can be re-rotated)
+
+    @property
+    def attention_layers(self) -> list[int]:
+        """Indices of the layers with softmax attention (hybrid models also have linear or recurrent ones)."""
+        return [ly.index for ly in self.layers if ly.attends]
+
+    @property
+    def positions(self) -> str:
+        """The positional scheme of the attention layers: one of rope/alibi/absolute/none, or ``mixed``."""
+        kinds = {ly.positions for ly in self.layers if ly.attends}
+        if kinds <= {ROPE, NONE} and ROPE in kinds:
+            return ROPE if kinds == {ROPE} else "rope+nope"
+        return kinds.pop() if len(kinds) == 1 else "mixed"
+
+    def layer(self, index: int) -> LayerScheme:
+        return self.layers[index]
+
+    # -- what works ------------------------------------------------------------------------------------------
+    def support(self) -> dict[str, Support]:
+        """For each mode (``maps``, ``stats``, ``cache``): whether sinkscope serves this model exactly."""
+        return {mode: self._support(mode) for mode in MODES}
+
+    def _support(self, mode: str) -> Support:
+        refused = REFUSED.get((self.family, mode))
+        if refused:
+            return Support(False, refused)
+        if not self.attention_layers:
+            return Support(False, "no layer has softmax attention")
+        if mode == "maps":
+            if not self.eager_switch:
+                return Support(False, "transformers ignores a switch to eager attention after loading",
+                               "load it with attn_implementation='eager' (sinkscope.load_model does)")
+            return Support(True)
+        if mode == "stats":
+            if not self.interface:
+                return Support(False, "its attention code bypasses transformers' attention interface, so "
+                                      "sinkscope's attention function never sees its scores",
+                               "use whole maps (mode='maps'), which analyze(mode='auto') falls back to")
+            return Support(True)
+        return self._cache_support()
+
+    def _cache_support(self) -> Support:
+        window = "use analyze/report for its attention; stream it with a DynamicCache or a plain window"
+        attn = [ly for ly in self.layers if ly.attends]
+        if self.kv_shared:
+            return Support(False, "some layers reuse another layer's keys and values (KV sharing); evicting "
+                                  "them would need both layers' caches kept in step", window)
+        if self.position_scaled:
+            return Support(False, "its attention scales queries by their absolute position (temperature "
+                                  "tuning), which positions re-assigned inside the cache would change", window)
+        odd = sorted({ly.kind for ly in attn} - {FULL, SLIDING})
+        if odd:
+            return Support(False, f"it has {', '.join(odd)} attention layers; SinkCache serves full and "
+                                  "sliding-window attention (and keeps linear-attention state as it is)", window)
+        other = sorted({ly.kind for ly in self.layers if not ly.attends and ly.kind != LINEAR})
+        if other:
+            return Support(False, f"it has {', '.join(other)} layers whose state SinkCache can't keep", window)
+        pos = {ly.positions for ly in attn}
+        if ABSOLUTE in pos:
+            return Support(False, "it learns absolute position embeddings, which can't be re-assigned inside "
+                                  "the cache: evicting tokens would give silently wrong attention", window)
+        if ROPE in pos and any(ly.rotary_dim is not None and ly.qk_head_dim is not None
+                               and ly.rotary_dim > ly.qk_head_dim for ly in attn):
+            return Support(False, "its rotary dimensions don't fit its key heads", window)
+        if self._mla():
+            return Support(False, "multi-head latent attention: part of each key carries no rotation and is "
+                                  "shared across heads, so its keys can't be re-rotated", window)
+        return Support(True)
+
+    def _mla(self) -> bool:
+        return any(ly.qk_head_dim != ly.v_head_dim and ly.rotary_dim is not None and ly.qk_head_dim is not None
+                   and ly.rotary_dim < ly.qk_head_dim and self.family.startswith("deepseek") for ly in self.layers)
+
+    def require(self, mode: str) -> None:
+        """Raise a :class:`~sinkscope.errors.SinkscopeError` (one line) when ``mode`` can't serve the model."""
+        s = self._support(mode)
+        if not s.ok:
+            raise (ConfigError if mode == "cache" else CaptureError)(s.message(self.family, mode))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the report's ``model.scheme`` block and ``sinkscope models --check --json``."""
+        d = asdict(self)
+        d["layers"] = [asdict(ly) for ly in self.layers]
+        d["positions"] = self.positions
+        d["support"] = {m: asdict(s) for m, s in self.support().items()}
+        return d
+
+
+# ------------------------------------------------------------------------------------------------ derivation
+
+_cache: weakref.WeakKeyDictionary[nn.Module, AttentionScheme] = weakref.WeakKeyDictionary()
+
+
+def attention_scheme(model: nn.Module) -> AttentionScheme:
+    """The :class:`AttentionScheme` of a transformers causal LM, derived once per model object.
+
+    Raises :class:`~sinkscope.errors.CaptureError` for a model that isn't a decoder stack sinkscope can read.
+    """
+    found = _cache.get(model)
+    if found is None:
+        found = _cache[model] = _derive(model)
+    return found
+
+
+def text_config(model: nn.Module) -> Any:
+    """The decoder's config (multimodal wrappers keep it in ``text_config``)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        raise CaptureError(f"{type(model).__name__} has no config; is it a transformers model?")
+    getter = getattr(cfg, "get_text_config", None)
+    return getter(decoder=True) if getter is not None else (getattr(cfg, "text_config", None) or cfg)
+
+
+def n_layers(model: nn.Module) -> int:
+    """Decoder layers in the model's config."""
+    cfg = text_config(model)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None) or getattr(cfg, "n_layers", None)
+    if not n:
+        raise CaptureError(f"{type(model).__name__} has no config with a layer count; is it a transformers model?")
+    return int(n)
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's stack of decoder layers (the ``ModuleList`` with one entry per layer)."""
+    n = n_layers(model)
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n and any(_attention_child(layer) for layer in m):
+            return list(m)
+    raise CaptureError(
+        f"can't find the decoder layers of {type(model).__name__}: sinkscope needs a transformer with {n} "
+        f"decoder layers whose attention is a child named one of {', '.join(ATTN_NAMES)} (Llama, Gemma, GPT-2, ...)"
+    )
+
+
+def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> self-attention module, for the layers that have softmax attention."""
+    scheme = attention_scheme(model)
+    layers = decoder_layers(model)
+    return {i: _attention_child(layers[i]) for i in scheme.attention_layers}  # type: ignore[misc]
+
+
+def _attention_child(layer: nn.Module) -> nn.Module | None:
+    for name in ATTN_NAMES:
+        child = getattr(layer, name, None)
+        if isinstance(child, nn.Module):
+            return child
+    return None
+
+
+def _layer_cfg(cfg: Any, i: int) -> Any:
+    per = getattr(cfg, "per_layer_config", None)
+    try:
+        return per[i] if per is not None else cfg
+    except (IndexError, KeyError, TypeError):
+        return cfg
+
+
+def _get(obj: Any, *names: str) -> Any:
+    for n in names:
+        try:
+            v = getattr(obj, n, None)
+        except Exception:  # transformers' per-layer attribute guard on heterogeneous configs
+            v = None
+        if v is not None:
+            return v
+    return None
+
+
+def _forward_source(module: nn.Module) -> str:
+    try:
+        return inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return ""
+
+
+def _derive(model: nn.Module) -> AttentionScheme:
+    cfg = text_config(model)
+    family = str(getattr(cfg, "model_type", None) or type(model).__name__)
+    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    layers = decoder_layers(model)
+    n = len(layers)
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(cfg)
+    except Exception:  # a config without the per-layer fields transformers' caches rely on
+        types, kwargs = ["full_attention"] * n, [{}] * n
+    rotary = _rotary_dims(model)
+    alibi = family in ALIBI_FAMILIES or bool(getattr(cfg, "alibi", False))
+    absolute = _has_absolute_positions(model)
+    no_rope = _get(cfg, "no_rope_layers")
+    declared = list(_get(cfg, "layer_types") or [])
+    rope_types: dict[str, str] = {}
+    out = []
+    interface = True
+    learned_sinks = False
+    for i, layer in enumerate(layers):
+        attn = _attention_child(layer)
+        lt = types[i] if i < len(types) else "full_attention"
+        shared = lt == "dummy" and i < len(declared)  # transformers' caches skip KV-sharing layers
+        if shared:
+            lt = declared[i]
+        kind = _KIND_OF_TYPE.get(lt, OTHER)
+        if attn is None and kind in ATTENTION_KINDS:
+            kind = LINEAR if any(hasattr(layer, a) for a in ("linear_attn", "mamba", "mixer")) else OTHER
+        if attn is None or kind not in ATTENTION_KINDS:
+            out.append(LayerScheme(i, kind, None, NONE, None, None, None, None, None))
+            continue
+        lc = _layer_cfg(cfg, i)
+        n_heads = _get(attn, "num_heads", "num_attention_heads") or _get(lc, "num_attention_heads", "n_head",
+                                                                          "n_heads")
+        groups = _get(attn, "num_key_value_groups")
+        n_kv = (int(n_heads) // int(groups)) if (n_heads and groups) else _get(lc, "num_key_value_heads")
+        if n_kv is None:
+            n_kv = 1 if getattr(lc, "multi_query", False) and not getattr(lc, "new_decoder_architecture", False) \
+                else n_heads
+        hidden = _get(lc, "hidden_size", "n_embd", "d_model", "n_embed")
+        qk = _get(attn, "qk_head_dim", "head_dim") or _get(lc, "qk_head_dim", "head_dim") or (
+            int(hidden) // int(n_heads) if hidden and n_heads else None)
+        v = _get(attn, "v_head_dim") or _get(lc, "v_head_dim") or qk
+        window = kwargs[i].get("sliding_window") if i < len(kwargs) else None
+        if shared and kind in (SLIDING, CHUNKED):
+            window = _get(lc, "sliding_window", "attention_chunk_size")
+        if alibi:
+            pos, rdim = ALIBI, None
+        elif absolute:
+            pos, rdim = ABSOLUTE, None
+        elif isinstance(no_rope, list | tuple) and i < len(no_rope) and not no_rope[i]:
+            pos, rdim = NONE, None
+        else:
+            rdim = rotary.get(lt) or rotary.get("*") or _config_rotary_dim(lc, qk)
+            pos = ROPE if rdim else NONE
+            if rdim:
+                rope_types[lt] = _rope_type(model, lt)
+        src = _forward_source(attn)
+        interface = interface and "ALL_ATTENTION_FUNCTIONS" in src
+        learned_sinks = learned_sinks or (isinstance(getattr(attn, "sinks", None), nn.Parameter) and "s_aux" in src)
+        out.append(LayerScheme(i, kind, int(window) if window else None, pos, int(rdim) if rdim else None,
+                               int(qk) if qk else None, int(v) if v else None, int(n_heads) if n_heads else None,
+                               int(n_kv) if n_kv else None, shared))
+    has_rope = any(ly.positions == ROPE for ly in out)
+    softcap = _get(cfg, "attn_logit_softcapping")
+    switch = family not in EAGER_AT_LOAD or getattr(model.config, "_attn_implementation", None) == "eager"
+    return AttentionScheme(
+        family=family, architecture=arch, layers=tuple(out),
+        rope_layout=("interleaved" if family in INTERLEAVED_ROPE else "half") if has_rope else None,
+        learned_sinks=learned_sinks, softcap=float(softcap) if softcap else None, interface=interface,
+        eager_switch=switch, kv_shared=any(ly.shared_kv for ly in out),
+        position_scaled=family in POSITION_SCALED and bool(getattr(cfg, "attn_temperature_tuning", False)),
+        rope_types=tuple(f"{k}={v}" for k, v in sorted(rope_types.items())),
+    )
+
+
+def _rotary_dims(model: nn.Module) -> dict[str, int]:
+    """Rotating dimensions per layer type, from the rotary module's inverse frequencies (``*``: all types)."""
+    import torch
+
+    for mod in model.modules():
+        if not type(mod).__name__.endswith("RotaryEmbedding"):
+            continue
+        dims: dict[str, int] = {}
+        for name, buf in mod.named_buffers(recurse=False):
+            if isinstance(buf, torch.Tensor) and name.endswith("inv_freq") and not name.endswith("original_inv_freq"):
+                lt = name[: -len("_inv_freq")] if name != "inv_freq" else "*"
+                dims[lt] = 2 * buf.numel()
+        return dims
+    return {}
+
+
+def _config_rotary_dim(cfg: Any, head_dim: int | None) -> int | None:
+    """GPT-J style models rotate ``rotary_dim`` dimensions with a table inside the attention module."""
+    r = _get(cfg, "rotary_dim")
+    return int(r) if r else None
+
+
+def _rope_type(model: nn.Module, layer_type: str) -> str:
+    for mod in model.modules():
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            rt = getattr(mod, "rope_type", "default")
+            return str(rt.get(layer_type, "default") if isinstance(rt, dict) else rt)
+    return "default"
+
+
+def _has_absolute_positions(model: nn.Module) -> bool:
+    """A learned (or fixed) table of absolute position embeddings added to the input (GPT-2 ``wpe``, OPT)."""
+    for name, mod in model.named_modules():
+        last = name.rpartition(".")[2]
+        if last in ("wpe", "embed_positions", "position_embeddings") and isinstance(mod, nn.Embedding | nn.Module) \
+                and "Rotary" not in type(mod).__name__:
+            return True
+    return False
+
+
+def check_layer_count(scheme: AttentionScheme, seen: set[int] | list[int], expected: list[int], mode: str) -> None:
+    """After a forward: every layer that should have reached sinkscope did (catches a path that slipped)."""
+    missing = sorted(set(expected) - set(seen))
+    if missing:
+        raise CaptureError(f"{scheme.family}: layers {missing[:5]} never reached sinkscope's {MODE_NAMES[mode]}; "
+                           "no numbers are reported for a path that did not run (use another mode)")
