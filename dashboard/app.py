@@ -25,7 +25,18 @@ from sinkscope.prompts import Prompt, sample_prompts
 from sinkscope.report import recommendation_markdown
 from sinkscope.streaming.memory import format_bytes
 
-from .state import Analyses, DashboardError, Limits, ModelPool, StreamRequest, Streams, describe
+from .state import (
+    HEATMAP_VIEWS,
+    Analyses,
+    DashboardError,
+    Limits,
+    ModelPool,
+    StreamRequest,
+    Streams,
+    describe,
+    head_detail,
+    heatmap_views,
+)
 
 TYPED = "__typed__"
 DEFAULT_SAMPLE = "prose"  # analysed on first click: short enough to take a few seconds on a CPU
@@ -118,6 +129,10 @@ def _layout(svc: Services) -> html.Div:
                 html.Div(id="analysis-status", className="status", role="status"),
                 html.Div(dcc.Markdown(id="recommendation", children="Analyze a prompt to see where the model "
                                       "parks its attention and how many sink tokens to keep."), className="card"),
+                # Shown only for models with learned sinks (gpt-oss): which layer x head heatmap to show.
+                html.Div(dcc.RadioItems(id="heatmap-view", options=_view_options(["first-token"]),
+                                        value="first-token", inline=True, className="radio"),
+                         id="heatmap-views", hidden=True, className="row"),
                 _graph("heatmap", 560),
                 html.Div([
                     html.Span("Click a cell above to see that head's attention map.", className="hint"),
@@ -125,6 +140,7 @@ def _layout(svc: Services) -> html.Div:
                                                         {"label": "log", "value": "log"}],
                                    value="linear", inline=True, className="radio"),
                 ], className="row"),
+                html.Div(id="head-detail", className="status"),
                 _graph("head-map", 540),
                 _graph("sink-curves", 430),
                 _graph("sink-positions", 360),
@@ -160,6 +176,31 @@ def _layout(svc: Services) -> html.Div:
             ], className="pane"),
         ], className="panes"),
     ])
+
+
+def _view_options(views: list[str]) -> list[dict[str, str]]:
+    return [{"label": HEATMAP_VIEWS[v], "value": v} for v in views]
+
+
+def _heatmap(profile: Any, view: str | None) -> go.Figure:
+    """The layer x head heatmap ``view`` of ``profile`` (the first-token mass unless the model has learned
+    sinks and the learned-sink view is picked)."""
+    if view == "learned-sink" and "learned-sink" in heatmap_views(profile):
+        return plots.learned_sink_heatmap(profile)
+    return plots.first_token_heatmap(profile)
+
+
+def _head_text(d: dict[str, Any]) -> str:
+    """The head line under the heatmap: that head's numbers (from :func:`dashboard.state.head_detail`)."""
+    parts = [f"layer {d['layer']}, head {d['head']}: first-token mass {d['first_token_mass']:.3f}"
+             + (" (sink head)" if d["sink_head"] else ""),
+             f"mass on first {d['k_max']} {d['sink_mass_k']:.3f}"]
+    if d["learned_sink_mass"] is not None:
+        parts.append(f"learned-sink mass {d['learned_sink_mass']:.3f}"
+                     + (" (parks its excess on the learned sink: no cache slot needed)" if d["learned_sink_head"]
+                        else ""))
+    parts.append(f"entropy {d['entropy']:.2f} nats")
+    return " · ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------- callbacks
@@ -201,9 +242,12 @@ def _register(app: Dash, svc: Services) -> None:
                   Output("analysis-poll", "disabled", allow_duplicate=True),
                   Output("heatmap", "figure"), Output("sink-curves", "figure"), Output("sink-positions", "figure"),
                   Output("recommendation", "children"), Output("head", "data"),
-                  Input("analysis-poll", "n_intervals"), State("analysis-job", "data"), prevent_initial_call=True)
-    def poll_analysis(_n: int, job_id: str | None):
-        keep = (no_update,) * 5
+                  Output("heatmap-view", "options"), Output("heatmap-view", "value"),
+                  Output("heatmap-views", "hidden"),
+                  Input("analysis-poll", "n_intervals"), State("analysis-job", "data"), State("heatmap-view", "value"),
+                  prevent_initial_call=True)
+    def poll_analysis(_n: int, job_id: str | None, view: str | None):
+        keep = (no_update,) * 8
         job = analyses.get(job_id)
         if job is None:
             return (html.Span("This analysis is gone from the server (it restarted); press Analyze again.",
@@ -219,8 +263,19 @@ def _register(app: Dash, svc: Services) -> None:
         mode = " (statistics mode: no T x T maps)" if p.prompts[0].capture == "stats" else ""
         status = (f"{job.prompt_name}: {p.prompts[0].n_tokens} tokens, sink rate {p.sink_rate:.0%}, "
                   f"analysed in {job.elapsed:.1f} s{mode}")
-        return (status, True, plots.first_token_heatmap(p), plots.sink_mass_curves(p),
-                plots.sink_positions_chart(p), recommendation_markdown(p), {"layer": layer, "head": head})
+        views = heatmap_views(p)
+        shown = view if view in views else views[0]  # a learned-sink view stays picked while the model has one
+        return (status, True, _heatmap(p, shown), plots.sink_mass_curves(p),
+                plots.sink_positions_chart(p), recommendation_markdown(p), {"layer": layer, "head": head},
+                _view_options(views), shown if shown != view else no_update, len(views) < 2)
+
+    @app.callback(Output("heatmap", "figure", allow_duplicate=True), Input("heatmap-view", "value"),
+                  State("analysis-job", "data"), prevent_initial_call=True)
+    def switch_heatmap(view: str | None, job_id: str | None):
+        job = analyses.get(job_id)
+        if job is None or job.profile is None:
+            return no_update
+        return _heatmap(job.profile, view)
 
     @app.callback(Output("head", "data", allow_duplicate=True), Input("heatmap", "clickData"),
                   prevent_initial_call=True)
@@ -230,13 +285,15 @@ def _register(app: Dash, svc: Services) -> None:
             return no_update
         return {"layer": int(points[0]["y"]), "head": int(points[0]["x"])}
 
-    @app.callback(Output("head-map", "figure"), Input("head", "data"), Input("scale", "value"),
-                  State("analysis-job", "data"), prevent_initial_call=True)
+    @app.callback(Output("head-map", "figure"), Output("head-detail", "children"), Input("head", "data"),
+                  Input("scale", "value"), State("analysis-job", "data"), prevent_initial_call=True)
     def head_map(head: dict[str, int] | None, scale: str, job_id: str | None):
         job = analyses.get(job_id)
         if not head or job is None or job.profile is None:
-            return no_update
-        return plots.attention_map(job.profile, head["layer"], head["head"], log=scale == "log")
+            return no_update, no_update
+        p = job.profile
+        return (plots.attention_map(p, head["layer"], head["head"], log=scale == "log"),
+                _head_text(head_detail(p, head["layer"], head["head"])))
 
     @app.callback(Output("stream-id", "data"), Output("stream-cursor", "data"),
                   Output("stream-poll", "disabled"), Output("stream-message", "children"),

@@ -201,6 +201,37 @@ class Analyses:
             job.finished = time.monotonic()
 
 
+HEATMAP_VIEWS = {"first-token": "first-token mass", "learned-sink": "learned-sink mass"}  # value -> label
+
+
+def heatmap_views(profile: SinkProfile) -> list[str]:
+    """The layer x head heatmaps the analysis view offers for ``profile``: the first-token mass, and for a model
+    with learned sinks (gpt-oss) the learned-sink mass as well (keys of :data:`HEATMAP_VIEWS`)."""
+    return ["first-token", "learned-sink"] if profile.has_learned_sinks else ["first-token"]
+
+
+def head_detail(profile: SinkProfile, layer: int, head: int) -> dict[str, Any]:
+    """One head's numbers as the profile holds them (means over prompts), for the page's head line.
+
+    ``learned_sink_mass`` is None for a model without learned sinks. Raises a SinkscopeError for a layer that
+    was not analysed or a head out of range.
+    """
+    row = profile.layer_row(layer)
+    ftm = profile.first_token_mass
+    if not 0 <= head < ftm.shape[1]:
+        raise DashboardError(f"head {head} out of range: layer {layer} has heads 0..{ftm.shape[1] - 1}")
+    lsm = profile.learned_sink_mass
+    return {
+        "layer": layer, "head": head,
+        "first_token_mass": float(ftm[row, head]),
+        "sink_mass_k": float(profile.sink_mass[row, head, -1]), "k_max": profile.k_max,
+        "entropy": float(profile.entropy[row, head]),
+        "sink_head": bool(ftm[row, head] > profile.threshold),
+        "learned_sink_mass": None if lsm is None else float(lsm[row, head]),
+        "learned_sink_head": lsm is not None and bool(lsm[row, head] > profile.threshold),
+    }
+
+
 # ----------------------------------------------------------------------------------------------- streams
 
 

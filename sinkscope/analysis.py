@@ -18,6 +18,7 @@ from .errors import CaptureError, ConfigError, PromptError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
 from .prompts import Prompt, as_prompts
+from .scheme import attention_scheme
 
 SCHEMA = "sinkscope.report/1"
 DEFAULT_K = 8
@@ -119,6 +120,31 @@ class SinkProfile:
         return np.mean([p.entropy for p in self.prompts], axis=0)
 
     @property
+    def learned_sink_mass(self) -> np.ndarray | None:
+        """``[layers, heads]`` mean over prompts of the mass on the learned sink, or None without learned sinks.
+
+        A model with learned sinks (gpt-oss) adds to each softmax row an outcome that belongs to no token; this
+        is its probability, 1 minus the row sum of the eager attention, mean over queries q >= K. The mean runs
+        over the prompts that measured it (for one model: all of them or none).
+        """
+        return _mean_learned_sink_mass(self.prompts)
+
+    @property
+    def has_learned_sinks(self) -> bool:
+        """Whether the analysed model has learned sinks (some prompt measured a learned-sink mass)."""
+        return any(p.learned_sink_mass is not None for p in self.prompts)
+
+    def learned_sink_heads(self, threshold: float | None = None) -> list[dict[str, Any]]:
+        """Heads above ``threshold`` mean learned-sink mass, strongest first (empty without learned sinks)."""
+        lsm = self.learned_sink_mass
+        if lsm is None:
+            return []
+        thr = self.threshold if threshold is None else threshold
+        rows = [{"layer": self.layers[int(i)], "head": int(h), "learned_sink_mass": float(lsm[i, h])}
+                for i, h in zip(*np.nonzero(lsm > thr), strict=True)]
+        return sorted(rows, key=lambda r: -r["learned_sink_mass"])
+
+    @property
     def sink_rate(self) -> float:
         """Fraction of heads whose first-token mass exceeds the threshold: the mean of the per-prompt rates."""
         return float(np.mean([metrics.sink_rate(p.first_token_mass, self.threshold) for p in self.prompts]))
@@ -173,6 +199,7 @@ class SinkProfile:
             "recommendation": self.recommendation.to_dict(),
             "stream_eval": self.stream_eval,
             "entropy": _round(self.entropy),
+            "learned_sink_mass": None if (lsm := self.learned_sink_mass) is None else _round(lsm),
             "sink_positions": [{"prompt": p.name, "positions": [s.to_dict() for s in p.sink_positions]}
                                for p in self.prompts],
             "per_prompt": [{"name": p.name, "first_token_mass": _round(p.first_token_mass),
@@ -185,15 +212,18 @@ class SinkProfile:
         return json.dumps(self.to_dict(), indent=indent)
 
     def to_dataframe(self) -> Any:
-        """One row per (layer, head): first-token mass, entropy and sink mass for k = 1..K (pandas)."""
+        """One row per (layer, head): first-token mass, entropy and sink mass for k = 1..K (pandas); with learned
+        sinks also ``learned_sink_mass``."""
         import pandas as pd
 
-        ftm, ent, sm = self.first_token_mass, self.entropy, self.sink_mass
+        ftm, ent, sm, lsm = self.first_token_mass, self.entropy, self.sink_mass, self.learned_sink_mass
         rows = []
         for i, layer in enumerate(self.layers):
             for h in range(ftm.shape[1]):
                 row = {"layer": layer, "head": h, "first_token_mass": ftm[i, h], "entropy": ent[i, h],
                        "sink_head": bool(ftm[i, h] > self.threshold)}
+                if lsm is not None:
+                    row["learned_sink_mass"] = lsm[i, h]
                 row.update({f"sink_mass_k{k + 1}": sm[i, h, k] for k in range(self.k_max)})
                 rows.append(row)
         return pd.DataFrame(rows)
@@ -237,6 +267,12 @@ class SinkProfile:
 
         return plots.first_token_heatmap(self)
 
+    def plot_learned_sinks(self) -> Any:
+        """Heatmap of learned-sink mass by layer x head (models with learned sinks only)."""
+        from . import plots
+
+        return plots.learned_sink_heatmap(self)
+
     def plot_sink_mass(self) -> Any:
         """Mass on the first k tokens against k, per layer."""
         from . import plots
@@ -258,15 +294,26 @@ class SinkProfile:
     def _repr_html_(self) -> str:
         rec = self.recommendation
         heads = self.sink_heads()[:5]
-        rows = "".join(f"<tr><td>{h['layer']}</td><td>{h['head']}</td><td>{h['first_token_mass']:.3f}</td></tr>"
-                       for h in heads)
+        lsm = self.learned_sink_mass
+
+        def learned_cell(h: dict[str, Any]) -> str:
+            return "" if lsm is None else f"<td>{lsm[self.layer_row(h['layer']), h['head']]:.3f}</td>"
+
+        rows = "".join(f"<tr><td>{h['layer']}</td><td>{h['head']}</td><td>{h['first_token_mass']:.3f}</td>"
+                       f"{learned_cell(h)}</tr>" for h in heads)
         n_tok = ", ".join(f"{html.escape(p.name)} ({p.n_tokens})" for p in self.prompts)
+        learned = ""
+        if lsm is not None:
+            learned = (f"<br>learned sinks: mean learned-sink mass {float(lsm.mean()):.3f}, "
+                       f"{len(self.learned_sink_heads())} of {lsm.size} heads park more than {self.threshold} there "
+                       f"(no cache slot needed; the sink count is for the first-token mass that remains)")
         return (
             f"<div><b>SinkProfile</b> of <code>{html.escape(self.model.name)}</code> "
             f"({self.model.n_layers} layers x {self.model.n_heads} heads) on {len(self.prompts)} prompt(s): "
             f"{n_tok}<br>sink rate {self.sink_rate:.1%} (first-token mass &gt; {self.threshold}); "
-            f"<b>recommended sinks: {rec.sinks}</b> ({html.escape(rec.method)})"
-            f"<table><tr><th>layer</th><th>head</th><th>first-token mass</th></tr>{rows}</table></div>"
+            f"<b>recommended sinks: {rec.sinks}</b> ({html.escape(rec.method)}){learned}"
+            f"<table><tr><th>layer</th><th>head</th><th>first-token mass</th>"
+            f"{'' if lsm is None else '<th>learned-sink mass</th>'}</tr>{rows}</table></div>"
         )
 
     def __repr__(self) -> str:
@@ -282,12 +329,18 @@ def _round(a: np.ndarray, digits: int = 6) -> list[Any]:
     return np.where(np.isfinite(arr), arr, None).tolist()
 
 
+def _mean_learned_sink_mass(prompts: Sequence[PromptResult]) -> np.ndarray | None:
+    """Mean over the prompts that measured it of the ``[L, H]`` learned-sink mass; None when none did."""
+    arrays = [p.learned_sink_mass for p in prompts if p.learned_sink_mass is not None]
+    return np.mean(arrays, axis=0) if arrays else None
+
+
 # ------------------------------------------------------------------------------------------ recommendation
 
 
 def recommend_from_attention(sink_mass: np.ndarray, first_token_mass: np.ndarray, *,
                              threshold: float = metrics.SINK_THRESHOLD, share: float = DEFAULT_SHARE,
-                             chance: float = 0.0) -> Recommendation:
+                             chance: float = 0.0, learned_sink_mass: np.ndarray | None = None) -> Recommendation:
     """Smallest k whose sink heads keep ``share`` of the above-chance mass that the first K tokens receive.
 
     Sink heads are those whose first-token mass exceeds ``threshold``; if there are none, heads that put more
@@ -297,30 +350,90 @@ def recommend_from_attention(sink_mass: np.ndarray, first_token_mass: np.ndarray
     ``chance`` is what one leading token would receive from uniformly attending queries
     (:func:`sinkscope.metrics.chance_mass`). Only mass above it counts: the small background share that every
     token gets is no reason to pin a token, and counting it would push the recommendation up for nothing.
+
+    ``learned_sink_mass`` (``[L, H]``, models with learned sinks such as gpt-oss; None otherwise) is the mass
+    each head gives the softmax's extra outcome that belongs to no token. That sink travels with every query,
+    so a streaming cache needs no slot for it, and the learned sink never adds to the count:
+
+    * sink heads are still those above ``threshold`` on the first token, and the count is read on their token
+      masses as above (the first-token mass that remains besides the learned sink);
+    * if no head is above ``threshold`` on the first token and at least one parks more than ``threshold`` on
+      the learned sink, the learned sink carries the excess: the recommendation is 0
+      (``learned_sink_carries_excess`` true), since a StreamingLLM cache then needs no pinned token
+      (``sinkscope eval-stream`` can confirm). The spread-out fallback is not used then; the heads it would
+      have taken and their above-chance first-K mass are in the evidence (``spread_out_heads_skipped``,
+      ``spread_out_excess``);
+    * otherwise (no head parks much on the learned sink either) the rule runs as without learned sinks.
+
+    The evidence adds ``learned_sink_mass_mean``, ``learned_sink_mass_by_layer`` (per row of the arrays),
+    ``learned_sink_heads`` (heads above ``threshold`` on it) and ``learned_sink_note``.
+
+    Raises:
+        ConfigError: ``learned_sink_mass`` does not have the shape of ``first_token_mass``.
     """
     sm = np.asarray(sink_mass, dtype=float)
     ftm = np.asarray(first_token_mass, dtype=float)
+    learned = None if learned_sink_mass is None else np.asarray(learned_sink_mass, dtype=float)
+    if learned is not None and learned.shape != ftm.shape:
+        raise ConfigError(f"learned_sink_mass has shape {learned.shape}; it must be [layers, heads] like "
+                          f"first_token_mass {ftm.shape}")
     k_max = sm.shape[-1]
     chosen = ftm > threshold
     basis = "first_token_mass > threshold"
+    n_learned = 0 if learned is None else int((learned > threshold).sum())
+    carried = n_learned > 0 and not chosen.any()  # the learned sink takes what no first token does
+    skipped: dict[str, Any] = {}
     if not chosen.any():
-        chosen = sm[..., -1] > threshold
-        basis = "sink_mass[K] > threshold (no head above threshold on the first token alone)"
+        spread = sm[..., -1] > threshold
+        if carried:
+            basis = "first_token_mass > threshold (the learned sink carries the excess: no spread-out fallback)"
+            if spread.any():
+                skipped = {"spread_out_heads_skipped": int(spread.sum()),
+                           "spread_out_excess": float(_excess(sm[spread].mean(0), chance)[-1])}
+        else:
+            chosen = spread
+            basis = "sink_mass[K] > threshold (no head above threshold on the first token alone)"
     evidence: dict[str, Any] = {"threshold": threshold, "share": share, "k_max": k_max, "heads_basis": basis,
                                 "heads_used": int(chosen.sum()), "heads_total": int(chosen.size),
                                 "chance": float(chance)}
     method = f"attention: smallest k keeping {share:.0%} of the above-chance first-{k_max} mass in sink heads"
+    if learned is not None:
+        evidence.update({
+            "learned_sink_mass_mean": float(learned.mean()),
+            "learned_sink_mass_by_layer": _round(learned.mean(axis=1)),
+            "learned_sink_heads": n_learned,
+            "learned_sink_carries_excess": carried,
+            "learned_sink_note": (
+                f"the model has learned sinks: {n_learned} of {learned.size} heads park more than {threshold:g} "
+                f"of their attention on the learned sink (mean {learned.mean():.3f} over all heads); it belongs to "
+                "no token and travels with every query, so a streaming cache needs no pinned token for it; the "
+                "count recommended here is for the first-token mass that remains"),
+            **skipped,
+        })
+        method += "; learned sinks need no cache slot: the count is for the first-token mass besides them"
     if not chosen.any():
         evidence["curve"] = _round(sm.reshape(-1, k_max).mean(0))
-        return Recommendation(0, method, {**evidence, "note": "no head parks attention on the first tokens"})
+        note = "no head parks attention on the first tokens"
+        if carried:
+            note = (f"no head parks more than {threshold:g} on the first token: the learned sink takes the excess, "
+                    "so a StreamingLLM cache needs no pinned token (sinkscope eval-stream --sinks 0,1,4 can confirm)")
+            if skipped:
+                note += (f"; {skipped['spread_out_heads_skipped']} heads put more than {threshold:g} on the first "
+                         f"{k_max} tokens together ({skipped['spread_out_excess']:.3f} of it above chance), not "
+                         "counted as a sink")
+        return Recommendation(0, method, {**evidence, "note": note})
     curve = sm[chosen].mean(0)  # [K] cumulative mass on tokens 0..k-1
-    per_token = np.diff(curve, prepend=0.0)
-    excess = np.cumsum(np.clip(per_token - chance, 0.0, None))
+    excess = _excess(curve, chance)
     target = share * excess[-1]
     sinks = int(np.argmax(excess >= target - 1e-12)) + 1
     evidence.update({"curve": _round(curve), "excess_curve": _round(excess), "target": float(target),
                      "mass_at_recommended": float(curve[sinks - 1])})
     return Recommendation(sinks, method, evidence)
+
+
+def _excess(curve: np.ndarray, chance: float) -> np.ndarray:
+    """The above-chance curve e(k) of a cumulative mass curve c(k): sum over tokens j < k of max(0, m_j - u)."""
+    return np.cumsum(np.clip(np.diff(curve, prepend=0.0) - chance, 0.0, None))
 
 
 def attention_estimate(rec: Recommendation) -> Recommendation:
@@ -426,22 +539,27 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
     if max_tokens is not None:
         if max_tokens < k_max + 1:
             raise ConfigError(f"max_tokens must be at least K + 1 = {k_max + 1}, got {max_tokens}")
-        # Rotary positions extend past the trained context (the numbers then describe an untrained regime,
-        # and each prompt says so); learned position tables simply end.
-        if spec.max_positions and max_tokens > spec.max_positions and spec.positional != "rope":
+        # Rotary and ALiBi positions extend past the trained context (the numbers then describe an untrained
+        # regime, and each prompt says so); absolute position tables simply end.
+        if spec.max_positions and max_tokens > spec.max_positions and spec.positional == "absolute":
             raise ConfigError(f"max_tokens {max_tokens} is beyond {spec.name}'s context of {spec.max_positions} "
                               f"({spec.positional} positions can't go further)")
     if not 0 < share <= 1:
         raise ConfigError(f"share must be in (0, 1], got {share}")
     if mode not in MODES:
         raise ConfigError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    scheme = attention_scheme(lm.model)
     unsupported = stats_supported(lm.model)
     if mode == "stats" and unsupported:
-        raise ConfigError(f"statistics mode can't run on {spec.name}: {unsupported}; use mode='maps'")
+        raise ConfigError(unsupported)
     items = as_prompts(prompts)
     encoded = [_encode(lm, p, max_tokens, k_max) for p in items]
-    layer_list = _layer_list(layers, spec.n_layers)
+    layer_list = _layer_list(layers, scheme.attention_layers, spec.n_layers)
     modes = [_mode_for(mode, int(ids.shape[1]), unsupported) for ids in encoded]
+    if "maps" in modes:
+        maps_ok = scheme.support()["maps"]
+        if not maps_ok.ok:
+            raise ConfigError(maps_ok.message(scheme.family, "maps"))
     device = next(lm.model.parameters()).device
     for m, ids in zip(modes, encoded, strict=True):
         _check_memory(spec, int(ids.shape[1]), device, m, stats_ok=not unsupported, k_max=k_max,
@@ -459,11 +577,15 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
     ftm = np.mean([r.first_token_mass for r in results], axis=0)
     sm = np.mean([r.sink_mass for r in results], axis=0)
     chance = float(np.mean([metrics.chance_mass(r.n_tokens, k_max) for r in results]))
-    rec = recommend_from_attention(sm, ftm, threshold=threshold, share=share, chance=chance)
+    rec = recommend_from_attention(sm, ftm, threshold=threshold, share=share, chance=chance,
+                                   learned_sink_mass=_mean_learned_sink_mass(results))
     settings = {"dtype": spec.dtype, "device": spec.device, "max_tokens": max_tokens, "map_size": map_size,
                 "mode": mode, "capture": _capture_text(modes), "local_window": metrics.LOCAL_WINDOW}
     if mode == "auto":
         settings["stats_from_tokens"] = STATS_FROM_TOKENS
+        long = [ids for ids in encoded if int(ids.shape[1]) > STATS_FROM_TOKENS]
+        if unsupported and long:  # long prompts that statistics mode would have taken: say why it didn't
+            settings["stats_fallback"] = unsupported
     if "stats" in modes:
         settings["row_pass"] = _native.describe(device)
     return SinkProfile(model=spec, prompts=results, layers=layer_list, k_max=k_max, settings=settings,
@@ -501,14 +623,17 @@ def _as_loaded(model: Any, tokenizer: Any) -> LoadedModel:
     return LoadedModel(model, tokenizer, spec_from_model(model, tokenizer, str(name), str(name)))
 
 
-def _layer_list(layers: Sequence[int] | None, n: int) -> list[int]:
+def _layer_list(layers: Sequence[int] | None, attending: list[int], n: int) -> list[int]:
     if layers is None:
-        return list(range(n))
+        return list(attending)
     out = []
     for i in layers:
         j = i + n if i < 0 else i
         if not 0 <= j < n:
             raise ConfigError(f"layer {i} out of range: the model has {n} layers")
+        if j not in attending:
+            raise ConfigError(f"layer {j} has no softmax attention (a linear-attention or recurrent layer); "
+                              f"layers with attention: {attending}")
         out.append(j)
     if not out:
         raise ConfigError("layers must not be empty")
@@ -595,6 +720,9 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
     n_l, n_h = len(layers), spec.n_heads
     ftm, ent = np.zeros((n_l, n_h)), np.zeros((n_l, n_h))
     sm = np.zeros((n_l, n_h, k_max))
+    # Learned sinks (gpt-oss): the mass on the sink logit, and the entropy counts the sink as an outcome.
+    learned = attention_scheme(lm.model).learned_sinks
+    lsm = np.zeros((n_l, n_h)) if learned else None
     received = np.zeros(t)
     row_of = {layer: i for i, layer in enumerate(layers)}
     pooled: list[Any] = [None] * n_l
@@ -605,7 +733,9 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         p, i = probs[0], row_of[layer]
         ftm[i] = metrics.first_token_mass(p, k_max)
         sm[i] = metrics.sink_mass(p, k_max)
-        ent[i] = metrics.entropy(p, k_max)
+        ent[i] = metrics.entropy(p, k_max, learned_sink=learned)
+        if lsm is not None:
+            lsm[i] = metrics.learned_sink_mass(p, k_max)
         received[:] += metrics.received_mass(p, k_max).total
         if map_size:
             m, bins = pool_map(p, map_size)
@@ -616,6 +746,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         nonlocal bins
         i = row_of[layer]
         ftm[i], sm[i], ent[i] = st.first_token_mass, st.sink_mass, st.entropy
+        if lsm is not None and st.learned_sink_mass is not None:
+            lsm[i] = st.learned_sink_mass
         received[:] += st.received.total
         if map_size:
             pooled[i], bins = st.pooled, st.bins or []
@@ -642,8 +774,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         labels = [_bin_label(tokens, a, b) for a, b in bins]
         attention = AttentionMaps(maps=maps, bins=bins, labels=labels)
     return PromptResult(name=prompt.name, n_tokens=t, tokens=tokens, first_token_mass=ftm, sink_mass=sm,
-                        entropy=ent, sink_positions=positions, attention=attention, capture=mode,
-                        beyond_context=bool(spec.max_positions and t > spec.max_positions))
+                        entropy=ent, sink_positions=positions, learned_sink_mass=lsm, attention=attention,
+                        capture=mode, beyond_context=bool(spec.max_positions and t > spec.max_positions))
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:

@@ -14,7 +14,11 @@ Two ways in:
   and keeps their statistics (a fused C pass on the CPU, see :mod:`sinkscope._native`), and the block
   multiplied by the values gives the layer's output (so the forward costs one attention, not SDPA's plus
   ours). Nothing of size T x T is ever held; the metrics are the same numbers as from whole maps (exact,
-  not sampled).
+  not sampled). It takes what the model passes to the attention interface as eager attention does:
+  soft-capped logits (Gemma-2's ``softcap``), learned per-head sink logits (gpt-oss's ``s_aux``: one more
+  outcome of every softmax, measured as the learned-sink mass), value heads narrower than the keys
+  (DeepSeek's MLA). Layers left out of ``layers`` run plain SDPA, or, where SDPA would be wrong (``s_aux``)
+  or refuses (``softcap``), the same exact blocked attention without statistics.
 
 Either way the user's attention implementation is restored when the block exits, also on error.
 """
@@ -33,50 +37,23 @@ from torch import nn
 
 from .errors import CaptureError
 from .metrics import LOCAL_WINDOW, ChunkedStats, LayerStats
+from .scheme import attention_modules, attention_scheme, check_layer_count
 
 LayerCallback = Callable[[int, torch.Tensor], None]
-_ATTN_NAMES = ("self_attn", "attn", "attention", "self_attention")
 
 
-def find_attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention module of every decoder layer, in layer order.
+def find_attention_modules(model: nn.Module) -> dict[int, nn.Module]:
+    """Layer index -> self-attention module, for every layer with softmax attention, in layer order.
 
-    Raises :class:`CaptureError` when the model has no recognisable stack of layers with attention.
+    Hybrid models (Qwen3-Next) have linear-attention layers too; they have no attention map and are left out.
+    Raises :class:`CaptureError` when the model has no recognisable stack of decoder layers.
     """
-    n_layers = _n_layers(model)
-    stacks = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
-    for stack in stacks:
-        found = [_attention_child(layer) for layer in stack]
-        if all(m is not None for m in found):
-            return found  # type: ignore[return-value]
-    raise CaptureError(
-        f"can't find hookable self-attention modules in {type(model).__name__}: sinkscope needs a transformer "
-        f"with {n_layers} decoder layers, each with a child named one of {', '.join(_ATTN_NAMES)} "
-        "(Llama, Gemma, GPT-2, Mistral, Qwen ...)"
-    )
-
-
-def _n_layers(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layer", None)
-    if not n:
-        raise CaptureError(f"{type(model).__name__} has no config with a layer count; is it a transformers model?")
-    return int(n)
+    return attention_modules(model)
 
 
 def _n_heads(model: nn.Module) -> int:
-    cfg = getattr(model, "config", None)
-    cfg = getattr(cfg, "text_config", None) or cfg
-    return int(getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_head", 0))
-
-
-def _attention_child(layer: nn.Module) -> nn.Module | None:
-    for name in _ATTN_NAMES:
-        child = getattr(layer, name, None)
-        if isinstance(child, nn.Module):
-            return child
-    return None
+    scheme = attention_scheme(model)
+    return max((ly.n_heads or 0) for ly in scheme.layers)
 
 
 @dataclass
@@ -115,9 +92,10 @@ def capture(model: nn.Module, *, layers: Sequence[int] | None = None, heads: Seq
             model(**inputs)
         cap.maps[0].shape  # (1, n_heads, T, T)
     """
+    scheme = attention_scheme(model)
+    scheme.require("maps")
     modules = find_attention_modules(model)
-    n = len(modules)
-    selected = sorted({_check_index(i, n, "layer") for i in layers}) if layers is not None else list(range(n))
+    selected = _select_layers(layers, scheme.attention_layers, len(scheme.layers))
     head_idx = list(heads) if heads is not None else None
     if head_idx is not None:
         n_heads = _n_heads(model)
@@ -125,10 +103,12 @@ def capture(model: nn.Module, *, layers: Sequence[int] | None = None, heads: Seq
             raise CaptureError(f"heads must be a non-empty list of head indices in [0, {n_heads})")
     cap = Capture(layers=selected, heads=head_idx, pool=pool)
     seen_missing: list[int] = []
+    seen: set[int] = set()
 
     def make_hook(idx: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
             probs = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            seen.add(idx)
             if probs is None:
                 seen_missing.append(idx)
                 return
@@ -156,9 +136,11 @@ def capture(model: nn.Module, *, layers: Sequence[int] | None = None, heads: Seq
                 h.remove()
     if seen_missing:
         raise CaptureError(
-            f"attention modules of layers {sorted(set(seen_missing))[:5]} returned no probabilities even in "
-            f"eager mode; {type(model).__name__} is not supported by capture"
+            f"{scheme.family}: attention modules of layers {sorted(set(seen_missing))[:5]} returned no "
+            "probabilities under eager attention; whole maps can't be captured from this model"
         )
+    if seen:  # a forward ran: every selected layer must have been seen (nothing slipped past the hooks)
+        check_layer_count(scheme, seen, selected, "maps")
 
 
 @contextmanager
@@ -183,6 +165,10 @@ def _attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
     except (ValueError, ImportError, KeyError) as exc:
         raise CaptureError(f"can't switch {type(model).__name__} to {name} attention: {exc}") from exc
     try:
+        if getattr(config, "_attn_implementation", None) != name:  # transformers may only warn (Falcon)
+            raise CaptureError(f"{type(model).__name__} ignored the switch to {name} attention; load it with "
+                               f"attn_implementation='{name}'" if name == "eager" else
+                               f"{type(model).__name__} ignored the switch to {name} attention")
         yield
     finally:
         setter(original)
@@ -243,11 +229,16 @@ class _LayerJob:
         self.buffers = buffers or _Buffers()
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
-                scaling: float | None, softcap: float | None) -> torch.Tensor:
-        """Measure the layer and return its attention output ``[1, T, heads, D]`` (what eager attention gives):
-        the probabilities are formed anyway, so one more product gives the output and SDPA is not needed."""
+                scaling: float | None, softcap: float | None, sink: torch.Tensor | None = None) -> torch.Tensor:
+        """Measure the layer and return its attention output ``[1, T, heads, D_v]`` (what eager attention
+        gives): the probabilities are formed anyway, so one more product gives the output and SDPA is not needed.
+
+        ``softcap``: attention logit soft-capping (Gemma-2), ``tanh(s / cap) * cap`` before the mask.
+        ``sink``: learned sink logits ``[heads]`` (gpt-oss's ``s_aux``), one more outcome of every row's softmax
+        that belongs to no key. The value head dim may differ from the query/key one (DeepSeek's MLA).
+        """
         b, h, t_q, d = query.shape
-        h_kv, t = key.shape[1], key.shape[2]
+        h_kv, t, d_v = key.shape[1], key.shape[2], value.shape[-1]
         if t_q != t:
             raise CaptureError("statistics capture needs the whole prompt in one forward pass without a KV cache "
                                f"(got {t_q} queries against {t} keys)")
@@ -266,7 +257,8 @@ class _LayerJob:
                            out=torch.empty(h_kv, d, t, dtype=torch.float32, device=key.device))
         values = value[0].float()
         queries = query[0].float().view(h_kv, group, t, d)
-        out = torch.empty(t, h, d, dtype=query.dtype, device=query.device)
+        sink = sink.detach().float().reshape(h).contiguous() if sink is not None else None
+        out = torch.empty(t, h, d_v, dtype=query.dtype, device=query.device)
         block = self.block_bytes if self.block_bytes is not None else default_block_bytes(query.device)
         floats = max(h * t, block // 8)  # two float32 blocks (scores, probabilities); one row at least
         # Two buffers reused for every block: a fresh allocation of this size per block costs more in page
@@ -290,12 +282,57 @@ class _LayerJob:
             if mask is not None:
                 m = mask[0, :, q0:q1, :q1]
                 scores.masked_fill_(~m if m.dtype == torch.bool else m < low / 2, low)
-            probs = acc.add_scores(scores, q0, prob_buf[: h * c * q1].view(h, c, q1), causal=mask is None)
-            o = torch.matmul(probs.view(h_kv, group * c, q1), values[:, :q1])  # [kv, group * c, D]
-            out[q0:q1] = o.view(h, c, d).transpose(0, 1)
+            probs = acc.add_scores(scores, q0, prob_buf[: h * c * q1].view(h, c, q1), causal=mask is None,
+                                   sink_logits=sink)
+            o = torch.matmul(probs.view(h_kv, group * c, q1), values[:, :q1])  # [kv, group * c, D_v]
+            out[q0:q1] = o.view(h, c, d_v).transpose(0, 1)
             q0 = q1
         self.done(self.layer, acc.finish())
         return out.unsqueeze(0)
+
+    @staticmethod
+    def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+               scaling: float | None, softcap: float | None, sink: torch.Tensor | None, dropout: float = 0.0,
+               block_bytes: int | None = None) -> torch.Tensor:
+        """Exact attention output ``[B, T_q, heads, D_v]`` without statistics, one block of query rows at a
+        time: for calls that SDPA can't serve (soft-capping, which it refuses; learned sinks, which it would
+        ignore) in layers that are not measured. Any batch, KV cache or mask; differentiable."""
+        b, h, t_q, d = query.shape
+        h_kv, t, d_v = key.shape[1], key.shape[2], value.shape[-1]
+        group = h // h_kv
+        scale = scaling if scaling is not None else d ** -0.5
+        keys_t = key.float().transpose(-1, -2) * scale  # [B, kv heads, D, T]
+        values = value.float()
+        low = torch.finfo(torch.float32).min
+        sink_col = sink.float().reshape(1, h, 1) if sink is not None else None
+        block = block_bytes if block_bytes is not None else default_block_bytes(query.device)
+        rows = max(1, block // (8 * b * h * t))  # scores and probabilities of one block, float32
+        outs = []
+        for q0 in range(0, t_q, rows):
+            q1 = min(t_q, q0 + rows)
+            c = q1 - q0
+            # Without a mask transformers means causal, aligned at the end (the queries are the last T_q).
+            n_keys = t if mask is not None else min(t, q1 + t - t_q)
+            q = query[:, :, q0:q1].float().reshape(b, h_kv, group * c, d)
+            scores = torch.matmul(q, keys_t[..., :n_keys]).view(b, h, c, n_keys)
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            if mask is not None:
+                m = mask[:, :, q0:q1, :n_keys]
+                scores = scores.masked_fill(~m, low) if m.dtype == torch.bool else scores + m.float()
+            else:
+                rows_at = torch.arange(q0, q1, device=query.device)[:, None] + (t - t_q)
+                scores = scores.masked_fill(torch.arange(n_keys, device=query.device)[None, :] > rows_at, low)
+            if sink_col is not None:  # the sink is one more outcome of the softmax, dropped from the output
+                log_z = torch.logaddexp(torch.logsumexp(scores, -1), sink_col)
+                probs = torch.exp(scores - log_z[..., None])
+            else:
+                probs = torch.softmax(scores, -1)
+            if dropout > 0:
+                probs = nn.functional.dropout(probs, p=dropout, training=True)
+            o = torch.matmul(probs.view(b, h_kv, group * c, n_keys), values[:, :, :n_keys])
+            outs.append(o.view(b, h, c, d_v).transpose(1, 2))
+        return torch.cat(outs, 1).to(query.dtype)
 
 
 _jobs: dict[int, _LayerJob] = {}  # id(attention module) -> job, for the modules inside a capture_stats block
@@ -306,13 +343,19 @@ _registered = False
 def _stats_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """Statistics and output for modules inside a :func:`capture_stats` block, plain SDPA for the others."""
+    """Statistics and output for modules inside a :func:`capture_stats` block; for the others plain SDPA, or
+    :meth:`_LayerJob.attend` where SDPA would be wrong (learned sinks, ``s_aux``) or refuses (``softcap``)."""
     job = _jobs.get(id(module))
+    softcap, sink = kwargs.get("softcap"), kwargs.get("s_aux")
     if job is not None and not (module.training and dropout > 0):
         with torch.no_grad():
-            out = job.observe(query.detach(), key.detach(), value.detach(), attention_mask, scaling,
-                              kwargs.get("softcap"))
+            out = job.observe(query.detach(), key.detach(), value.detach(), attention_mask, scaling, softcap,
+                              None if sink is None else sink.detach())
         return out, None
+    if softcap is not None or sink is not None:
+        block = job.block_bytes if job is not None else None
+        return _LayerJob.attend(query, key, value, attention_mask, scaling, softcap, sink,
+                                dropout if module.training else 0.0, block), None
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -333,14 +376,10 @@ def _register() -> None:
 
 
 def stats_supported(model: nn.Module) -> str | None:
-    """Why :func:`capture_stats` can't run on ``model`` (None when it can)."""
-    cfg = getattr(model, "config", None)
-    text = getattr(cfg, "text_config", None) or cfg
-    if getattr(text, "attn_logit_softcapping", None) is not None:
-        return "attention logit soft-capping (Gemma-2 style) is not supported by statistics mode"
-    if getattr(model, "set_attn_implementation", None) is None:
-        return f"{type(model).__name__} can't switch its attention implementation"
-    return None
+    """Why :func:`capture_stats` can't run on ``model`` (None when it can): the model's scheme decides."""
+    scheme = attention_scheme(model)
+    support = scheme.support()["stats"]
+    return None if support.ok else support.message(scheme.family, "stats")
 
 
 @contextmanager
@@ -369,14 +408,12 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
             model.model(input_ids=ids, use_cache=False)
         cap.stats[0].first_token_mass  # [heads]
     """
-    why = stats_supported(model)
-    if why:
-        raise CaptureError(f"{why}; capture whole maps instead (sinkscope.capture, or analyze(mode='maps'))")
+    scheme = attention_scheme(model)
+    scheme.require("stats")
     if block_bytes is not None and block_bytes < 1:
         raise CaptureError(f"block_bytes must be positive, got {block_bytes}")
     modules = find_attention_modules(model)
-    n = len(modules)
-    selected = sorted({_check_index(i, n, "layer") for i in layers}) if layers is not None else list(range(n))
+    selected = _select_layers(layers, scheme.attention_layers, len(scheme.layers))
     cap = StatsCapture(layers=selected, k_max=k_max)
 
     def done(layer: int, stats: LayerStats) -> None:
@@ -400,17 +437,24 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
         with _jobs_lock:
             for key in mine:
                 _jobs.pop(key, None)
-    missing = [i for i in selected if i not in cap.stats]
-    if cap.stats and missing:
-        raise CaptureError(f"layers {missing[:5]} never reached sinkscope's attention function; "
-                           f"{type(model).__name__} is not supported by statistics mode (use whole maps)")
+    if cap.stats:  # a forward ran: every selected layer must have reached the attention function
+        check_layer_count(scheme, set(cap.stats), selected, "stats")
 
 
-def _check_index(i: int, n: int, what: str) -> int:
-    j = i + n if i < 0 else i
-    if not 0 <= j < n:
-        raise CaptureError(f"{what} {i} out of range: the model has {n} {what}s")
-    return j
+def _select_layers(layers: Sequence[int] | None, attending: list[int], n: int) -> list[int]:
+    """Layer indices to capture (negative ones count from the end); each must have softmax attention."""
+    if layers is None:
+        return list(attending)
+    out = set()
+    for i in layers:
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise CaptureError(f"layer {i} out of range: the model has {n} layers")
+        if j not in attending:
+            raise CaptureError(f"layer {j} has no softmax attention to capture (a linear-attention or recurrent "
+                               f"layer); layers with attention: {attending}")
+        out.add(j)
+    return sorted(out)
 
 
 def bin_edges(length: int, size: int) -> list[tuple[int, int]]:

@@ -112,8 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sinkscope {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    p_models = sub.add_parser("models", help="list the embedded models and whether they are installed/converted",
-                              description="List the embedded models, their install state and the conversion cache.")
+    p_models = sub.add_parser(
+        "models", help="list the embedded models; --check MODEL: which sinkscope modes serve a model exactly",
+        description="List the embedded models, their install state and the conversion cache. With --check, load "
+                    "MODEL (a registry name, HF directory, .gguf or hub id) and run every mode (whole maps, "
+                    "statistics mode, analyze, SinkCache, streamer) against an independent reference on a short "
+                    "prompt: each is exact, refused (with the reason and what works instead) or failed. "
+                    "Exit status 0 when nothing failed, 1 otherwise.")
+    p_models.add_argument("--check", metavar="MODEL", help="check this model (path, .gguf, registry name, hub id)")
+    p_models.add_argument("--json", action="store_true", help="with --check: print the row as JSON")
+    _add_model_options(p_models)
     p_models.set_defaults(func=cmd_models)
 
     p_rep = sub.add_parser(
@@ -259,8 +267,14 @@ def _port(text: str) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    """Print the registry: name, installed, converted, description; the install command where missing."""
+    """Print the registry: name, installed, converted, description; the install command where missing.
+    With ``--check MODEL``: the model's support row (docs/models.md has the same row for each family)."""
     from .models import cache_dir, list_models
+
+    if args.check:
+        return _check(args)
+    if args.json:
+        raise ConfigError("--json goes with --check MODEL")
 
     rows = list_models()
     width = max(len(r["name"]) for r in rows) + (len(" (default)"))
@@ -275,6 +289,27 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(f"\nconverted weights are cached in {cache_dir() / 'models'}")
     print("any local Hugging Face directory, .gguf file or hub id (org/name) works too.")
     return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    import json
+
+    from .checks import check_model
+
+    lm = _load(args.check, args, progress=not args.json)
+    if not args.json:
+        print(f"checking {lm.spec.name} ({lm.spec.architecture}) against independent references ...", flush=True)
+    row = check_model(lm.model)
+    if args.json:
+        print(json.dumps(row.to_dict(), indent=1))
+        return 0 if row.ok else 1
+    print(f"{row.family}: {row.summary()}")
+    for name, r in row.results.items():
+        err = f" (max error {r.max_error:.1e})" if r.max_error is not None else ""
+        print(f"  {name:<9} {r.status:<8} {r.detail}{err}")
+    if not row.ok:
+        print("some mode gave numbers off its reference or raised: please report it with this output")
+    return 0 if row.ok else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -342,6 +377,9 @@ def _print_capture_notes(profile: SinkProfile) -> None:
     if stats:
         names = ", ".join(f"{p.name} ({p.n_tokens})" for p in stats)
         print(f"statistics mode (exact per-head statistics, no T x T maps) for: {names}")
+    fallback = profile.settings.get("stats_fallback")
+    if fallback:
+        print(f"note: long prompts measured with whole maps, not statistics mode: {fallback}")
     context = profile.model.max_positions
     for p in profile.prompts:
         if p.beyond_context:

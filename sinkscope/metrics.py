@@ -3,6 +3,10 @@
 All functions take one layer's causal attention ``probs`` of shape ``[heads, T, T]`` (query x key, rows
 summing to 1) and ``k_max`` (K). Queries before K are left out because they can only see the first tokens
 (see ``docs/metrics.md``). Each function returns float64 numpy arrays so aggregation stays exact.
+
+Models with learned sinks (gpt-oss) add a per-head logit to every row's softmax that belongs to no key; their
+rows sum to 1 - s, where s is the probability of that sink outcome: :func:`learned_sink_mass` measures it
+and ``entropy(..., learned_sink=True)`` counts it as one more outcome.
 """
 
 from __future__ import annotations
@@ -42,15 +46,40 @@ def first_token_mass(probs: torch.Tensor, k_max: int) -> np.ndarray:
     return probs[:, k_max:, 0].double().mean(dim=1).cpu().numpy()
 
 
-def entropy(probs: torch.Tensor, k_max: int) -> np.ndarray:
-    """``[heads]``: mean over queries q >= K of the attention entropy, in nats."""
+def entropy(probs: torch.Tensor, k_max: int, *, learned_sink: bool = False) -> np.ndarray:
+    """``[heads]``: mean over queries q >= K of the attention entropy, in nats.
+
+    ``learned_sink``: the rows miss a learned sink's probability s = 1 - (row sum), which counts as one more
+    outcome of the distribution (``-s log s`` added to each row).
+    """
     t = _check(probs, k_max)
     total = torch.zeros(probs.shape[0], dtype=torch.float64, device=probs.device)
     for start in range(k_max, t, _ENTROPY_CHUNK):
         stop = min(start + _ENTROPY_CHUNK, t)
         rows = probs[:, start:stop, :stop]  # causal: keys after the chunk's last query are all zero
         total += torch.special.entr(rows).sum(-1).sum(-1).double()
+        if learned_sink:
+            total += torch.special.entr(_sink_share(rows)).sum(-1)
     return (total / (t - k_max)).cpu().numpy()
+
+
+def learned_sink_mass(probs: torch.Tensor, k_max: int) -> np.ndarray:
+    """``[heads]``: mean over queries q >= K of the learned sink's probability, 1 - (row sum).
+
+    For models whose softmax has a per-head sink logit that belongs to no key (gpt-oss), whose attention
+    rows therefore sum to less than 1; about 0 for every other model.
+    """
+    t = _check(probs, k_max)
+    total = torch.zeros(probs.shape[0], dtype=torch.float64, device=probs.device)
+    for start in range(k_max, t, _ENTROPY_CHUNK):
+        stop = min(start + _ENTROPY_CHUNK, t)
+        total += _sink_share(probs[:, start:stop, :stop]).sum(-1)
+    return (total / (t - k_max)).cpu().numpy()
+
+
+def _sink_share(rows: torch.Tensor) -> torch.Tensor:
+    """``[heads, rows]`` float64: 1 - (row sum), clamped at 0 (rounding can take a full row past 1)."""
+    return (1.0 - rows.sum(-1, dtype=torch.float64)).clamp_min_(0.0)
 
 
 def sink_rate(first_token: np.ndarray, threshold: float = SINK_THRESHOLD) -> float:
@@ -147,7 +176,9 @@ class LayerStats:
 
     ``first_token_mass`` ``[H]``, ``sink_mass`` ``[H, K]`` and ``entropy`` ``[H]`` are means over queries
     q >= K; ``received`` is :func:`received_mass` of the layer; ``pooled`` (if bins were given) is
-    :func:`sinkscope.capture.pool_map` of every head's map, ``[H, bins, bins]``.
+    :func:`sinkscope.capture.pool_map` of every head's map, ``[H, bins, bins]``. ``learned_sink_mass``
+    ``[H]`` is :func:`learned_sink_mass` for a layer whose softmax had learned sink logits (gpt-oss), whose
+    ``entropy`` is then ``entropy(..., learned_sink=True)``; None for a layer without them.
     """
 
     first_token_mass: np.ndarray
@@ -156,6 +187,7 @@ class LayerStats:
     received: ReceivedMass
     pooled: np.ndarray | None
     bins: list[tuple[int, int]] | None
+    learned_sink_mass: np.ndarray | None = None
 
 
 class ChunkedStats:
@@ -166,6 +198,11 @@ class ChunkedStats:
     same numbers that the whole-map functions give. Each block costs a few small copies and two matrix
     products (rows -> query bins, then keys -> key bins), so the state stays O(heads x T x (K + local) +
     heads x bins^2): no per-key array of every bin, and nothing left to reduce over T in :meth:`finish`.
+
+    Learned sinks (gpt-oss): :meth:`add_scores` with ``sink_logits`` puts each head's sink logit into every
+    row's softmax; the probabilities kept and returned are the keys' (rows sum to 1 - sink probability, as
+    eager attention returns them), each row's sink probability is kept like its entropy, and the entropy is
+    that of the whole distribution, sink included. Give them for every block of the layer or for none.
     """
 
     def __init__(self, n_heads: int, t: int, k_max: int, *, local: int = LOCAL_WINDOW,
@@ -183,9 +220,12 @@ class ChunkedStats:
                 return torch.zeros(shape, dtype=dtype, device=device)
             return scratch(name, shape, dtype).zero_()
 
-        # Per query row, kept until finish: the first K probabilities, the entropy, the band A[q, q - d].
+        self._zeros = zeros
+        # Per query row, kept until finish: the first K probabilities, the entropy, the band A[q, q - d], and
+        # with learned sinks the sink probability (allocated by the first block that has sink logits).
         self._first = zeros("first", (n_heads, t, k_max))
         self._ent = zeros("entropy", (n_heads, t))
+        self._sink: torch.Tensor | None = None
         self._band = zeros("band", (n_heads, t, local))
         self._seen = torch.zeros(t, dtype=torch.bool)
         self._bin_of = torch.full((t,), -1, dtype=torch.long)
@@ -202,24 +242,39 @@ class ChunkedStats:
         self._edges = torch.tensor([a for a, _ in bins] + [t], dtype=torch.long) if bins else None
         self._causal: torch.Tensor | None = None
 
-    def add_scores(self, scores: torch.Tensor, q0: int, probs: torch.Tensor, *, causal: bool) -> torch.Tensor:
+    def add_scores(self, scores: torch.Tensor, q0: int, probs: torch.Tensor, *, causal: bool,
+                   sink_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Take query rows ``q0 .. q0 + C - 1`` as scaled scores ``[heads, C, keys]`` (float32): form their
         probabilities into ``probs`` (same shape) and keep the rows' statistics; returns ``probs``.
 
         ``causal``: each row sees the keys up to its own position and ``scores`` needs no mask; otherwise the
         caller has filled masked scores with a large negative finite value. ``scores`` may be overwritten.
+        ``sink_logits`` ``[heads]`` (float32): learned sink logits that join every row's softmax (gpt-oss's
+        ``s_aux``); ``probs`` then holds the keys' probabilities only, which sum to 1 - sink probability.
         """
+        sink = self._sink_rows(sink_logits, scores.device)
         self._check_rows(scores.shape, q0)
         if self._native and scores.is_contiguous() and probs.is_contiguous() and scores.dtype == torch.float32:
             _native.rows(scores, probs, q0, causal, self.t, self.k, self.local, self._first, self._band,
                          self._ent, self._received, self._pooled if self.bins else None, self._edges,
-                         self._bin_of if self.bins else None, self._threads)
+                         self._bin_of if self.bins else None, self._threads, sink=sink,
+                         sink_prob=self._sink if sink is not None else None)
             return probs
         c = scores.shape[1]
         if causal:  # keys after the row's own position: the strict upper triangle of the diagonal square
             if self._causal is None or self._causal.shape[0] < c:
                 self._causal = torch.ones(c, c, dtype=torch.bool, device=scores.device).triu_(1)
             scores[:, :, q0: q0 + c].masked_fill_(self._causal[:c, :c], torch.finfo(torch.float32).min)
+        if sink is not None:
+            # log Z over the keys and the sink outcome; p = exp(s - log Z), the sink's exp(sink - log Z), and
+            # H = log Z - sum(p * s) - p_sink * sink.
+            log_z = torch.logaddexp(torch.logsumexp(scores, -1), sink[:, None])  # [heads, C]
+            torch.sub(scores, log_z[..., None], out=probs).exp_()
+            sink_p = (sink[:, None] - log_z).exp_()
+            self._sink[:, q0: q0 + c] = sink_p
+            entropy = log_z.sub_(scores.mul_(probs).sum(-1)).sub_(sink_p.mul_(sink[:, None]))
+            self._add(probs, q0, entropy)
+            return probs
         torch.ops.aten._softmax.out(scores, -1, False, out=probs)
         # Entropy without a logarithm per entry: H = log Z - sum(p * s), where the row maximum m has
         # p = exp(m) / Z, so log Z = m - log(max p). (float32 error ~1e-6 nats for |s| ~ 30.)
@@ -228,9 +283,27 @@ class ChunkedStats:
         self._add(probs, q0, entropy)
         return probs
 
+    def _sink_rows(self, sink_logits: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+        """The block's sink logits as a contiguous float32 ``[heads]``; learned sinks are all blocks' or none's."""
+        if sink_logits is None:
+            if self._sink is not None:
+                raise ValueError("this layer's earlier blocks had learned sink logits: give them for every block")
+            return None
+        sink = sink_logits.detach().to(device=device, dtype=torch.float32).reshape(-1).contiguous()
+        if sink.numel() != self.h:
+            raise ValueError(f"sink_logits must have one logit per head ({self.h}), got {sink.numel()}")
+        if self._sink is None:
+            if bool(self._seen.any()):
+                raise ValueError("earlier blocks of this layer had no learned sink logits: give them for every "
+                                 "block or for none")
+            self._sink = self._zeros("sink", (self.h, self.t))
+        return sink
+
     def add(self, probs: torch.Tensor, q0: int, entropy: torch.Tensor | None = None) -> None:
         """Take query rows ``q0 .. q0 + C - 1``: ``probs`` ``[heads, C, keys]`` (float32), optional per-row
         entropy ``[heads, C]`` in nats (computed from ``probs`` when not given)."""
+        if self._sink is not None:
+            raise ValueError("this layer's earlier blocks had learned sink logits: add them with add_scores")
         self._check_rows(probs.shape, q0)
         self._add(probs, q0, entropy)
 
@@ -290,6 +363,7 @@ class ChunkedStats:
         ftm = first[:, :, 0].sum(1) / n
         sm = first.cumsum(-1).sum(1) / n
         ent = self._ent[:, k:].double().sum(1) / n
+        learned = None if self._sink is None else (self._sink[:, k:].double().sum(1) / n).cpu().numpy()
         # Received mass: column sums over rows q >= K, minus the band q in [j, j + local) with q >= K.
         col = self._received.sum(0)
         qs = torch.arange(t, device=col.device)[:, None]
@@ -306,4 +380,4 @@ class ChunkedStats:
             pooled = (self._pooled.sum(0) / width[None, :, None]).cpu().numpy()
         return LayerStats(first_token_mass=ftm.cpu().numpy(), sink_mass=sm.cpu().numpy(),
                           entropy=ent.cpu().numpy(), received=ReceivedMass(total=total, queries=queries, heads=self.h),
-                          pooled=pooled, bins=self.bins)
+                          pooled=pooled, bins=self.bins, learned_sink_mass=learned)

@@ -126,63 +126,66 @@ class ModelSpec:
     n_layers: int
     n_heads: int
     n_kv_heads: int
-    head_dim: int
-    positional: str  # "rope", "learned" or "unknown"
+    head_dim: int  # query/key head dim (the largest, where layers differ: Gemma-4)
+    positional: str  # AttentionScheme.positions: "rope", "rope+nope", "alibi", "absolute", "none", "mixed"
     max_positions: int | None
     sliding_window: int | None
     layer_types: tuple[str, ...] | None
     adds_bos: bool
     dtype: str
     device: str
+    v_head_dim: int | None = None  # value head dim where it differs from head_dim (MLA)
+    learned_sinks: bool = False  # per-head learned sink logits (gpt-oss)
+    softcap: float | None = None  # attention logit soft-capping (Gemma-2)
+    attention_layers: tuple[int, ...] | None = None  # layers with softmax attention, where not all (hybrids)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the report's ``model`` block)."""
         d = asdict(self)
         d["layer_types"] = list(self.layer_types) if self.layer_types else None
+        d["attention_layers"] = list(self.attention_layers) if self.attention_layers else None
         return d
 
 
 def spec_from_model(model: Any, tokenizer: Any, name: str, source: str) -> ModelSpec:
-    """Read a :class:`ModelSpec` off a loaded causal LM and its tokenizer."""
-    cfg = model.config
-    cfg = getattr(cfg, "text_config", None) or cfg
-    if _first_attr(cfg, "num_attention_heads", "n_head", default=None) is None:
+    """Read a :class:`ModelSpec` off a loaded causal LM and its tokenizer (shapes from its AttentionScheme)."""
+    from .scheme import attention_scheme, text_config
+
+    cfg = text_config(model)
+    if _first_attr(cfg, "num_attention_heads", "n_head", "n_heads", default=None) is None:
         raise CaptureError(f"{type(model).__name__} has no attention heads to hook (its config has no "
                            "num_attention_heads); sinkscope analyses transformers (Llama, Gemma, GPT-2, ...)")
-    n_heads = int(_first_attr(cfg, "num_attention_heads", "n_head"))
-    hidden = int(_first_attr(cfg, "hidden_size", "n_embd"))
-    head_dim = getattr(cfg, "head_dim", None) or hidden // n_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    if getattr(cfg, "rope_parameters", None) is not None or getattr(cfg, "rope_theta", None) is not None:
-        positional = "rope"
-    elif hasattr(model, "transformer") and hasattr(model.transformer, "wpe"):
-        positional = "learned"
-    else:
-        positional = "unknown"
-    max_pos = _first_attr(cfg, "max_position_embeddings", "n_positions", default=None)
-    layer_types = getattr(cfg, "layer_types", None)
-    sliding = getattr(cfg, "sliding_window", None)
-    if layer_types and "sliding_attention" not in layer_types:
-        sliding = None  # a window in the config that no layer uses
+    scheme = attention_scheme(model)
+    attn = [ly for ly in scheme.layers if ly.attends]
+    if not attn:
+        raise CaptureError(f"{scheme.family} has no layer with softmax attention; sinkscope measures attention")
+    head_dim = max(ly.qk_head_dim or 0 for ly in attn)
+    v_dims = {ly.v_head_dim for ly in attn}
+    max_pos = _first_attr(cfg, "max_position_embeddings", "n_positions", "max_seq_len", default=None)
+    layer_types = _first_attr(cfg, "layer_types", default=None)
+    sliding = max((ly.window or 0 for ly in attn if ly.kind == "sliding"), default=0) or None
     probe = tokenizer("a", add_special_tokens=True).input_ids
     adds_bos = tokenizer.bos_token_id is not None and len(probe) > 0 and probe[0] == tokenizer.bos_token_id
-    arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     return ModelSpec(
         name=name,
         source=source,
-        architecture=arch,
-        model_type=str(getattr(cfg, "model_type", "unknown")),
-        n_layers=int(_first_attr(cfg, "num_hidden_layers", "n_layer")),
-        n_heads=n_heads,
-        n_kv_heads=int(n_kv),
+        architecture=scheme.architecture,
+        model_type=scheme.family,
+        n_layers=len(scheme.layers),
+        n_heads=max(ly.n_heads or 0 for ly in attn),
+        n_kv_heads=max(ly.n_kv_heads or 0 for ly in attn),
         head_dim=int(head_dim),
-        positional=positional,
+        positional=scheme.positions,
         max_positions=int(max_pos) if max_pos else None,
         sliding_window=int(sliding) if sliding else None,
         layer_types=tuple(layer_types) if layer_types else None,
         adds_bos=bool(adds_bos),
         dtype=str(next(model.parameters()).dtype).removeprefix("torch."),
         device=str(next(model.parameters()).device),
+        v_head_dim=next(iter(v_dims)) if len(v_dims) == 1 and None not in v_dims and v_dims != {head_dim} else None,
+        learned_sinks=scheme.learned_sinks,
+        softcap=scheme.softcap,
+        attention_layers=tuple(scheme.attention_layers) if len(attn) < len(scheme.layers) else None,
     )
 
 
@@ -231,7 +234,8 @@ def load(source: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "floa
         hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, dtype), **kwargs)
+        model_kwargs = {**kwargs, **_load_kwargs(target, kwargs)}
+        model = AutoModelForCausalLM.from_pretrained(target, dtype=getattr(torch, dtype), **model_kwargs)
     except (OSError, SafetensorError) as exc:  # SafetensorError: a corrupt or truncated weights file
         where = f"directory {directory}" if directory is not None else f"hub id {hub_id!r}"
         raise ModelLoadError(f"could not load the model from {where}: {_first_line(exc)}") from exc
@@ -244,6 +248,17 @@ def load(source: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "floa
     model.to(device)
     model.eval()
     return LoadedModel(model, tokenizer, spec_from_model(model, tokenizer, name, source))
+
+
+def _load_kwargs(target: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Loading options a family needs: those that can't switch to eager attention later are loaded eager."""
+    from transformers import AutoConfig
+
+    from .scheme import EAGER_AT_LOAD
+
+    config = AutoConfig.from_pretrained(target, **kwargs)
+    text = config.get_text_config(decoder=True)
+    return {"attn_implementation": "eager"} if getattr(text, "model_type", None) in EAGER_AT_LOAD else {}
 
 
 def _resolve(source: str, *, progress: bool) -> tuple[str, Path | None, str | None]:

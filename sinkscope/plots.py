@@ -76,12 +76,16 @@ def _heatmap_height(n_layers: int) -> int:
 
 
 def _layer_head_heatmap(profile: SinkProfile, z: np.ndarray, *, title: str, colorbar: str, value_name: str,
-                        value_format: str, colorscale: str, zmin: float | None, zmax: float | None) -> go.Figure:
+                        value_format: str, colorscale: str, zmin: float | None, zmax: float | None,
+                        also: tuple[str, np.ndarray] | None = None) -> go.Figure:
+    """``also``: (name, [L, H] values) of a second per-head number shown in the hover (3 decimals)."""
     n_heads = z.shape[1]
+    extra = f"<br>{also[0]} %{{customdata:.3f}}" if also is not None else ""
     fig = go.Figure(go.Heatmap(
         z=z, x=list(range(n_heads)), y=list(profile.layers), colorscale=colorscale, zmin=zmin, zmax=zmax,
         colorbar=dict(title=dict(text=colorbar, side="right"), thickness=14),
-        hovertemplate=f"layer %{{y}}<br>head %{{x}}<br>{value_name} %{{z:{value_format}}}<extra></extra>",
+        customdata=None if also is None else np.asarray(also[1], dtype=float),
+        hovertemplate=f"layer %{{y}}<br>head %{{x}}<br>{value_name} %{{z:{value_format}}}{extra}<extra></extra>",
         xgap=1, ygap=1,
     ))
     _layout(fig, title, _heatmap_height(len(profile.layers)))
@@ -101,25 +105,57 @@ def _layer_head_heatmap(profile: SinkProfile, z: np.ndarray, *, title: str, colo
 # ------------------------------------------------------------------------------------------------ figures
 
 
-def first_token_heatmap(profile: SinkProfile) -> go.Figure:
-    """Layer x head heatmap of the mean first-token mass (colour range 0..1); sink heads are ringed.
-
-    Rows are the analysed layers (``profile.layers``, first layer at the top), columns the query heads.
-    """
-    ftm = np.asarray(profile.first_token_mass, dtype=float)
-    thr = profile.threshold
-    fig = _layer_head_heatmap(
-        profile, ftm, title="Attention on the first token, per layer and head",
-        colorbar=f"first-token mass<br>(sink head: &gt; {thr:g})", value_name="first-token mass",
-        value_format=".3f", colorscale=MASS_SCALE, zmin=0.0, zmax=1.0)
-    rows, heads = np.nonzero(ftm > thr)
+def _ring_heads(fig: go.Figure, profile: SinkProfile, above: np.ndarray, name: str) -> go.Figure:
+    """Ring the cells where ``above`` ([L, H] booleans) holds; a legend entry says what the rings mean."""
+    rows, heads = np.nonzero(above)
     if len(rows):
         fig.add_trace(go.Scatter(
             x=heads.tolist(), y=[profile.layers[int(r)] for r in rows], mode="markers",
             marker=dict(symbol="circle-open", size=9, color="white", line=dict(width=2)),
-            name=f"sink head (&gt; {thr:g})", hoverinfo="skip", showlegend=True))
+            name=name, hoverinfo="skip", showlegend=True))
     fig.update_layout(legend=dict(orientation="h", x=1, xanchor="right", y=1.02, yanchor="bottom"))
     return fig
+
+
+def first_token_heatmap(profile: SinkProfile) -> go.Figure:
+    """Layer x head heatmap of the mean first-token mass (colour range 0..1); sink heads are ringed.
+
+    Rows are the analysed layers (``profile.layers``, first layer at the top), columns the query heads. For a
+    model with learned sinks the hover also gives each head's learned-sink mass.
+    """
+    ftm = np.asarray(profile.first_token_mass, dtype=float)
+    thr = profile.threshold
+    lsm = profile.learned_sink_mass
+    fig = _layer_head_heatmap(
+        profile, ftm, title="Attention on the first token, per layer and head",
+        colorbar=f"first-token mass<br>(sink head: &gt; {thr:g})", value_name="first-token mass",
+        value_format=".3f", colorscale=MASS_SCALE, zmin=0.0, zmax=1.0,
+        also=None if lsm is None else ("learned-sink mass", lsm))
+    return _ring_heads(fig, profile, ftm > thr, f"sink head (&gt; {thr:g})")
+
+
+def learned_sink_heatmap(profile: SinkProfile) -> go.Figure:
+    """Layer x head heatmap of the mean learned-sink mass (colour range 0..1), the look of
+    :func:`first_token_heatmap`; heads that park more than the threshold on the learned sink are ringed.
+
+    The learned sink (gpt-oss) is the softmax's extra outcome that belongs to no token, so a streaming cache
+    needs no slot for it. The hover also gives each head's first-token mass.
+
+    Raises:
+        ConfigError: the profile's model has no learned sinks.
+    """
+    lsm = profile.learned_sink_mass
+    if lsm is None:
+        raise ConfigError(f"{profile.model.name} has no learned sinks (no per-head sink logits, as gpt-oss has): "
+                          f"there is no learned-sink mass to plot; plot_heatmap() shows the first-token mass")
+    lsm = np.asarray(lsm, dtype=float)
+    thr = profile.threshold
+    fig = _layer_head_heatmap(
+        profile, lsm, title="Attention on the learned sink (no token, no cache slot), per layer and head",
+        colorbar=f"learned-sink mass<br>(ringed: &gt; {thr:g})", value_name="learned-sink mass",
+        value_format=".3f", colorscale=MASS_SCALE, zmin=0.0, zmax=1.0,
+        also=("first-token mass", np.asarray(profile.first_token_mass, dtype=float)))
+    return _ring_heads(fig, profile, lsm > thr, f"learned-sink head (&gt; {thr:g})")
 
 
 def sink_mass_curves(profile: SinkProfile) -> go.Figure:
@@ -240,6 +276,8 @@ def attention_map(profile: SinkProfile, layer: int, head: int, prompt: int | str
     tickvals = labels[::stride]
     ticktext = [_short(t) for t in tickvals]
     title = f"Layer {layer}, head {head} · {label_text(_short(p.name, 30))}" + (" (log)" if log else "")
+    if p.learned_sink_mass is not None:  # its rows sum to 1 minus this: the rest went to no token
+        title += f" · learned sink {float(p.learned_sink_mass[row, head]):.3f}"
     _layout(fig, title, 540, margin=dict(l=120, r=20, t=60, b=110))
     fig.update_xaxes(title_text="key (attended-to token)", type="category", tickmode="array", tickvals=tickvals,
                      ticktext=ticktext, tickangle=-60, tickfont=dict(size=10), showgrid=False)
@@ -533,6 +571,6 @@ def _layer_colors(layers: list[int]) -> list[str]:
     return sample_colorscale(MASS_SCALE, [(layer - lo) / span for layer in layers])
 
 
-__all__ = ["attention_map", "entropy_heatmap", "first_token_heatmap", "label_text", "per_prompt_sink_rate",
-           "sink_mass_curves", "sink_positions_chart", "stream_live", "stream_ppl_by_sinks", "stream_rolling_nll",
-           "visible_token"]
+__all__ = ["attention_map", "entropy_heatmap", "first_token_heatmap", "label_text", "learned_sink_heatmap",
+           "per_prompt_sink_rate", "sink_mass_curves", "sink_positions_chart", "stream_live", "stream_ppl_by_sinks",
+           "stream_rolling_nll", "visible_token"]

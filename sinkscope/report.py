@@ -206,6 +206,41 @@ def _settings(profile: SinkProfile) -> dict[str, Any]:
     return {**profile.to_dict()["settings"], "layers": _layers_text(profile)}
 
 
+def _learned_sink_sentences(profile: SinkProfile, code: Any) -> list[str]:
+    """What the learned sinks mean for a streaming cache, as sentences (empty without learned sinks).
+
+    Fixed words and numbers only (no model or prompt text, nothing to escape) apart from ``code(text)``, which
+    marks a command up for the target format.
+    """
+    lsm = profile.learned_sink_mass
+    if lsm is None:
+        return []
+    n, thr = len(profile.learned_sink_heads()), profile.threshold
+    out = [f"This model has learned sinks: each softmax row has an extra outcome that belongs to no token, and "
+           f"the heads give it {float(lsm.mean()):.1%} of their attention on average ({n} of {lsm.size} heads more "
+           f"than {thr:g}).",
+           "That sink travels with every query, so a streaming (StreamingLLM) cache needs no pinned token for it: "
+           "the recommended sink count is for the first-token mass that remains.",
+           f"{code('sinkscope eval-stream')} (or {code('sinkscope report --validate')}) can confirm it by "
+           "perplexity under eviction."]
+    if attention_estimate(profile.recommendation).evidence.get("learned_sink_carries_excess"):
+        out.insert(2, "No head parks its excess on the first tokens: the learned sink does the job, and the "
+                      "attention estimate is 0 sink tokens.")
+    return out
+
+
+def _learned_layer_rows(profile: SinkProfile) -> list[list[str]]:
+    """Per analysed layer: mean and max learned-sink mass over heads, heads above the threshold."""
+    lsm = profile.learned_sink_mass
+    if lsm is None:
+        return []
+    return [[str(layer), f"{lsm[i].mean():.3f}", f"{lsm[i].max():.3f}", str(int((lsm[i] > profile.threshold).sum()))]
+            for i, layer in enumerate(profile.layers)]
+
+
+LEARNED_LAYER_COLUMNS = ["layer", "mean learned-sink mass", "max", "heads above threshold"]
+
+
 # ---------------------------------------------------------------------------------------------------- HTML
 
 _CSS = """
@@ -353,6 +388,9 @@ def _summary_html(profile: SinkProfile) -> str:
         f'<div class="note">sink rate: share of heads that put more than {profile.threshold:g} of their '
         f"attention on the first token, mean over prompts. On the mean profile, {n_sink} of {n_heads} heads are "
         f"sink heads.</div>"
+        + (f'<div class="note">learned sinks: mean learned-sink mass {float(lsm.mean()):.3f}; '
+           f"{len(profile.learned_sink_heads())} of {lsm.size} heads park more than {profile.threshold:g} there "
+           f"(no token, no cache slot).</div>" if (lsm := profile.learned_sink_mass) is not None else "")
         + _html_table(PROMPT_COLUMNS, prompt_rows, cls="numeric") + "</div>")
     return f'<section class="summary">{rec_card}{model_card}{prompts_card}</section>'
 
@@ -373,16 +411,32 @@ def _prompt_rate(profile: SinkProfile, p: PromptResult) -> float:
 
 def _heads_table_html(profile: SinkProfile) -> str:
     heads, above = _head_rows(profile, N_TOP_HEADS)
-    sm, ent = profile.sink_mass, profile.entropy
+    sm, ent, lsm = profile.sink_mass, profile.entropy, profile.learned_sink_mass
     rows = []
     for h in heads:
         r = profile.layer_row(h["layer"])
         rows.append([str(h["layer"]), str(h["head"]), f"{h['first_token_mass']:.3f}",
-                     f"{sm[r, h['head'], -1]:.3f}", f"{ent[r, h['head']]:.2f}"])
+                     f"{sm[r, h['head'], -1]:.3f}", f"{ent[r, h['head']]:.2f}"]
+                    + ([] if lsm is None else [f"{lsm[r, h['head']]:.3f}"]))
     note = ("" if above else f'<p class="note">No head is above the threshold ({profile.threshold:g}); these are '
             f"the strongest heads anyway.</p>")
     return note + _html_table(["layer", "head", "first-token mass", f"mass on first {profile.k_max}",
-                               "entropy (nats)"], rows, cls="numeric")
+                               "entropy (nats)"] + ([] if lsm is None else ["learned-sink mass"]), rows,
+                              cls="numeric")
+
+
+def _learned_sink_html(profile: SinkProfile) -> str:
+    """The learned-sink card: what it means for streaming, the heatmap, the per-layer table ("" without)."""
+    if not profile.has_learned_sinks:
+        return ""
+    # The sentences hold only numbers and fixed words (no model or prompt text), so they need no escaping.
+    text = " ".join(_learned_sink_sentences(profile, lambda c: f"<code>{_esc(c)}</code>"))
+    table = _html_table([_esc(c) for c in LEARNED_LAYER_COLUMNS], _learned_layer_rows(profile), cls="numeric")
+    return _card("Attention on the learned sink",
+                 f"Mean mass each head gives its learned sink (the softmax outcome of no token), per layer and "
+                 f"head; ringed cells park more than {profile.threshold:g} there. {text}",
+                 _fig_html(plots.learned_sink_heatmap(profile), "fig-learned-sink")
+                 + f'<div class="scroll">{table}</div>')
 
 
 def _positions_html(profile: SinkProfile) -> str:
@@ -474,6 +528,7 @@ def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
               f"Mean attention that queries (from position {profile.k_max} on) give to token 0, per layer and head. "
               f"Ringed cells are sink heads (more than {profile.threshold:g}).",
               _fig_html(plots.first_token_heatmap(profile), "fig-first-token")),
+        _learned_sink_html(profile),
         _card("How many leading tokens hold the sink?",
               "Attention mass on the first k tokens: thin lines are layers (mean over heads), the bold line is the "
               "mean over sink heads, the dashed red line its part above chance (what the recommendation reads); "
@@ -570,8 +625,10 @@ def render_markdown(profile: SinkProfile) -> str:
     out += ["## Top sink heads", ""]
     if not above:
         out += [f"No head is above the threshold ({profile.threshold:g}); the strongest heads:", ""]
-    out += [_md_table(["#", "layer", "head", "first-token mass"],
+    lsm = profile.learned_sink_mass
+    out += [_md_table(["#", "layer", "head", "first-token mass"] + ([] if lsm is None else ["learned-sink mass"]),
                       [[str(i), str(h["layer"]), str(h["head"]), f"{h['first_token_mass']:.3f}"]
+                       + ([] if lsm is None else [f"{lsm[profile.layer_row(h['layer']), h['head']]:.3f}"])
                        for i, h in enumerate(heads, start=1)]), ""]
 
     ftm = profile.first_token_mass
@@ -580,6 +637,11 @@ def render_markdown(profile: SinkProfile) -> str:
                       [[str(layer), f"{ftm[i].mean():.3f}", f"{ftm[i].max():.3f}",
                         str(int((ftm[i] > profile.threshold).sum()))] for i, layer in enumerate(profile.layers)]),
             ""]
+
+    if profile.has_learned_sinks:
+        out += ["## Learned sinks", "", " ".join(_learned_sink_sentences(profile, lambda c: f"`{c}`")), "",
+                f"Learned-sink mass per layer (heads above threshold: more than {profile.threshold:g}):", "",
+                _md_table(LEARNED_LAYER_COLUMNS, _learned_layer_rows(profile)), ""]
 
     out += ["## Top sink positions", "",
             "Mean attention each position receives from queries at least 8 tokens later (all layers and heads).", ""]

@@ -30,6 +30,7 @@ FULL, SLIDING, CHUNKED, LINEAR, OTHER = "full", "sliding", "chunked", "linear", 
 ATTENTION_KINDS = (FULL, SLIDING, CHUNKED)  # layers with softmax attention to capture
 _KIND_OF_TYPE = {"full_attention": FULL, "sliding_attention": SLIDING, "chunked_attention": CHUNKED,
                  "linear_attention": LINEAR}
+TYPE_OF_KIND = {kind: layer_type for layer_type, kind in _KIND_OF_TYPE.items()}  # transformers' layer_types names
 
 # Positions: how a layer's attention knows where a key is.
 ROPE, ALIBI, ABSOLUTE, NONE = "rope", "alibi", "absolute", "none"
@@ -45,6 +46,9 @@ EAGER_AT_LOAD = frozenset({"falcon"})
 # Query-dependent attention scaling by absolute position (Llama-4's temperature tuning): positions in a
 # cache can't be re-assigned without changing the scores.
 POSITION_SCALED = frozenset({"llama4_text", "llama4"})
+# RoPE types whose frequencies don't depend on the sequence length below max_position_embeddings, so a key
+# rotated at one position can be re-rotated to another exactly (dynamic NTK only departs past that length).
+STATIC_ROPE = frozenset({"default", "linear", "dynamic", "yarn", "llama3", "proportional"})
 # Modes a family is refused in although the checks below pass, with the reason.
 REFUSED: dict[tuple[str, str], str] = {}
 
@@ -64,6 +68,8 @@ class LayerScheme:
     positions: str  # rope, alibi, absolute, none
     rotary_dim: int | None  # dimensions of each key head that rotate (rope)
     qk_head_dim: int | None  # None for layers without softmax attention
+    # rotary_dim counts the leading dimensions the rotation acts on (rotate_half or pairwise); proportional RoPE
+    # (Gemma-4) rotates all of them with zero frequencies on the part that doesn't rotate.
     v_head_dim: int | None
     n_heads: int | None
     n_kv_heads: int | None
@@ -121,6 +127,15 @@ class AttentionScheme:
     def layer(self, index: int) -> LayerScheme:
         return self.layers[index]
 
+    def rope_type(self, kind: str) -> str | None:
+        """The rope_type of the layers of ``kind`` (full, sliding, ...), None when they don't use RoPE."""
+        layer_type = TYPE_OF_KIND.get(kind, kind)
+        for entry in self.rope_types:
+            name, _, rt = entry.partition("=")
+            if name == layer_type:
+                return rt
+        return None
+
     # -- what works ------------------------------------------------------------------------------------------
     def support(self) -> dict[str, Support]:
         """For each mode (``maps``, ``stats``, ``cache``): whether sinkscope serves this model exactly."""
@@ -163,25 +178,35 @@ class AttentionScheme:
             return Support(False, f"it has {', '.join(other)} layers whose state SinkCache can't keep", window)
         pos = {ly.positions for ly in attn}
         if ABSOLUTE in pos:
-            return Support(False, "it learns absolute position embeddings, which can't be re-assigned inside "
-                                  "the cache: evicting tokens would give silently wrong attention", window)
+            return Support(False, "it learns absolute position embeddings instead of rotary ones (RoPE), which "
+                                  "can't be re-assigned inside the cache: evicting tokens would give silently "
+                                  "wrong attention", window)
         if ROPE in pos and any(ly.rotary_dim is not None and ly.qk_head_dim is not None
                                and ly.rotary_dim > ly.qk_head_dim for ly in attn):
             return Support(False, "its rotary dimensions don't fit its key heads", window)
         if self._mla():
             return Support(False, "multi-head latent attention: part of each key carries no rotation and is "
                                   "shared across heads, so its keys can't be re-rotated", window)
+        moving = sorted({rt for ly in attn if ly.positions == ROPE
+                         for rt in [self.rope_type(ly.kind) or "default"] if rt not in STATIC_ROPE})
+        if moving:
+            return Support(False, f"its {', '.join(moving)} RoPE changes its frequencies with the sequence length, "
+                                  "so keys can't be re-rotated to positions inside the cache exactly (SinkCache "
+                                  f"serves {', '.join(sorted(STATIC_ROPE))} RoPE)", window)
         return Support(True)
 
     def _mla(self) -> bool:
         return any(ly.qk_head_dim != ly.v_head_dim and ly.rotary_dim is not None and ly.qk_head_dim is not None
                    and ly.rotary_dim < ly.qk_head_dim and self.family.startswith("deepseek") for ly in self.layers)
 
-    def require(self, mode: str) -> None:
-        """Raise a :class:`~sinkscope.errors.SinkscopeError` (one line) when ``mode`` can't serve the model."""
+    def require(self, mode: str, name: str | None = None) -> None:
+        """Raise a :class:`~sinkscope.errors.SinkscopeError` (one line) when ``mode`` can't serve the model.
+
+        ``name`` heads the message instead of the family (SinkCache names the architecture, as its other errors do).
+        """
         s = self._support(mode)
         if not s.ok:
-            raise (ConfigError if mode == "cache" else CaptureError)(s.message(self.family, mode))
+            raise (ConfigError if mode == "cache" else CaptureError)(s.message(name or self.family, mode))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the report's ``model.scheme`` block and ``sinkscope models --check --json``."""
@@ -206,6 +231,45 @@ def attention_scheme(model: nn.Module) -> AttentionScheme:
     if found is None:
         found = _cache[model] = _derive(model)
     return found
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the cached scheme of ``model`` (after changing its layers or config in place)."""
+    _cache.pop(model, None)
+
+
+def scheme_from_config(config: Any) -> AttentionScheme:
+    """The :class:`AttentionScheme` of the causal LM that ``config`` describes, without weights.
+
+    The model is instantiated on the meta device (:func:`meta_model`: no memory, no initialisation), so the
+    scheme is read off the same modules as for a loaded model.
+    """
+    return _derive(meta_model(config))
+
+
+def meta_model(config: Any) -> nn.Module:
+    """The causal LM of ``config`` on the meta device: its modules and shapes, no weights.
+
+    Raises :class:`~sinkscope.errors.ConfigError` for a config transformers has no causal LM for.
+    """
+    import copy
+    import warnings
+
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return AutoModelForCausalLM.from_config(copy.deepcopy(config))
+    except Exception as exc:  # an unknown config type, or one transformers can't build a causal LM from
+        name = getattr(config, "model_type", None) or type(config).__name__
+        raise ConfigError(f"{name}: can't build a causal LM from this config ({exc}); pass the model") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def text_config(model: nn.Module) -> Any:
@@ -315,15 +379,16 @@ def _derive(model: nn.Module) -> AttentionScheme:
         lc = _layer_cfg(cfg, i)
         n_heads = _get(attn, "num_heads", "num_attention_heads") or _get(lc, "num_attention_heads", "n_head",
                                                                           "n_heads")
-        groups = _get(attn, "num_key_value_groups")
-        n_kv = (int(n_heads) // int(groups)) if (n_heads and groups) else _get(lc, "num_key_value_heads")
-        if n_kv is None:
-            n_kv = 1 if getattr(lc, "multi_query", False) and not getattr(lc, "new_decoder_architecture", False) \
-                else n_heads
         hidden = _get(lc, "hidden_size", "n_embd", "d_model", "n_embed")
         qk = _get(attn, "qk_head_dim", "head_dim") or _get(lc, "qk_head_dim", "head_dim") or (
             int(hidden) // int(n_heads) if hidden and n_heads else None)
         v = _get(attn, "v_head_dim") or _get(lc, "v_head_dim") or qk
+        n_kv = _kv_heads(attn, n_heads, qk)
+        if n_kv is None:
+            n_kv = _get(lc, "num_key_value_heads")
+        if n_kv is None:
+            n_kv = 1 if getattr(lc, "multi_query", False) and not getattr(lc, "new_decoder_architecture", False) \
+                else n_heads
         window = kwargs[i].get("sliding_window") if i < len(kwargs) else None
         if shared and kind in (SLIDING, CHUNKED):
             window = _get(lc, "sliding_window", "attention_chunk_size")
@@ -355,6 +420,35 @@ def _derive(model: nn.Module) -> AttentionScheme:
         position_scaled=family in POSITION_SCALED and bool(getattr(cfg, "attn_temperature_tuning", False)),
         rope_types=tuple(f"{k}={v}" for k, v in sorted(rope_types.items())),
     )
+
+
+def _kv_heads(attn: nn.Module, n_heads: Any, qk: Any) -> int | None:
+    """Key/value heads of one attention module, read off the module (config fields a family ignores, such as a
+    ``num_key_value_heads`` on GPT-J or MPT, don't count): its own attribute, its GQA group size, or the width
+    of its key (or fused query-key-value) projection."""
+    n = _get(attn, "num_key_value_heads", "num_kv_heads")
+    if n:
+        return int(n)
+    groups = _get(attn, "num_key_value_groups")
+    if n_heads and groups:
+        return int(n_heads) // int(groups)
+    if not qk:
+        return None
+    k = getattr(attn, "k_proj", None)
+    width = _out_features(k)
+    if width:
+        return width // int(qk)
+    for name in ("query_key_value", "qkv_proj", "Wqkv", "c_attn"):  # [q heads + 2 x kv heads] x head dim
+        width = _out_features(getattr(attn, name, None))
+        if width and n_heads and (width // int(qk) - int(n_heads)) > 0 and (width // int(qk) - int(n_heads)) % 2 == 0:
+            return (width // int(qk) - int(n_heads)) // 2
+    return None
+
+
+def _out_features(module: Any) -> int | None:
+    """Output width of a projection: ``nn.Linear.out_features`` or GPT-2's ``Conv1D.nf``."""
+    width = getattr(module, "out_features", None) or getattr(module, "nf", None)
+    return int(width) if isinstance(width, int) else None
 
 
 def _rotary_dims(model: nn.Module) -> dict[str, int]:

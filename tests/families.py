@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-VOCAB = 96
+VOCAB = 128  # covers conftest.char_vocab (104 ids)
 WINDOW = 6
 _COMMON: dict[str, Any] = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -79,8 +79,9 @@ def config(name: str, **overrides: Any) -> Any:
     return AutoConfig.for_model(model_type, **{**_COMMON, **extra, **overrides})
 
 
-def build(name: str, seed: int = 0, **overrides: Any) -> Any:
-    """A tiny random model of family ``name`` (eval mode, default attention implementation)."""
+def build(name: str, seed: int = 0, attn: str | None = None, **overrides: Any) -> Any:
+    """A tiny random model of family ``name`` (eval mode; ``attn``: the attention implementation, default
+    transformers' choice for the family)."""
     import warnings
 
     from transformers import AutoModelForCausalLM
@@ -93,7 +94,8 @@ def build(name: str, seed: int = 0, **overrides: Any) -> Any:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoModelForCausalLM.from_config(cfg).eval()
+            kwargs = {"attn_implementation": attn} if attn else {}
+            return AutoModelForCausalLM.from_config(cfg, **kwargs).eval()
     finally:
         hf_logging.set_verbosity(verbosity)
 

@@ -360,7 +360,7 @@ def test_max_tokens_not_positive(tiny_llama, max_tokens):
 
 
 def test_max_tokens_beyond_context(tiny_gpt2, tiny_llama):
-    with pytest.raises(ConfigError, match=r"beyond tiny-gpt2's context of 64 \(learned positions"):
+    with pytest.raises(ConfigError, match=r"beyond tiny-gpt2's context of 64 \(absolute positions"):
         analyze(tiny_gpt2, TEXT_60, max_tokens=65, progress=False)
     # Rotary positions go on: allowed, and each prompt says whether it went past the context.
     long_text = TEXT_60 * 5  # 301 tokens with <bos>, past the tiny Llama's 256
@@ -558,3 +558,159 @@ def test_analyze_passes_chance_of_its_prompts(tiny_llama):
     prof = analyze(tiny_llama, [TEXT_60, TEXT_24 * 2], k_max=4, map_size=None, progress=False)
     expected = np.mean([np.mean([1 / (q + 1) for q in range(4, p.n_tokens)]) for p in prof.prompts])
     assert prof.recommendation.evidence["chance"] == pytest.approx(expected, rel=1e-12)
+
+
+# ------------------------------------------------------------------------------- learned sinks (gpt-oss)
+
+
+def test_recommend_without_learned_sinks_adds_no_learned_evidence():
+    sm, ftm = _arrays([[0.9] * 8, [0.01 * k for k in range(1, 9)]])
+    for rec in (recommend_from_attention(sm, ftm), recommend_from_attention(sm, ftm, learned_sink_mass=None)):
+        assert rec.sinks == 1
+        assert not [k for k in rec.evidence if k.startswith("learned")]
+        assert "learned" not in rec.method
+
+
+def test_recommend_learned_sink_carries_the_excess():
+    """No head parks on the first tokens, one parks 0.8 on its learned sink: 0 pinned tokens, and why."""
+    sm, ftm = _arrays([[0.02 * k for k in range(1, 9)]] * 3)
+    learned = np.array([[0.8], [0.1], [0.05]])
+    rec = recommend_from_attention(sm, ftm, learned_sink_mass=learned)
+    assert rec.sinks == 0
+    ev = rec.evidence
+    assert ev["heads_used"] == 0
+    assert ev["learned_sink_carries_excess"] is True
+    assert ev["learned_sink_heads"] == 1
+    assert ev["learned_sink_mass_mean"] == pytest.approx((0.8 + 0.1 + 0.05) / 3)
+    assert ev["learned_sink_mass_by_layer"] == pytest.approx([0.8, 0.1, 0.05])
+    assert "learned sink takes the excess" in ev["note"] and "no pinned token" in ev["note"]
+    assert "eval-stream" in ev["note"]
+    assert "1 of 3 heads park more than 0.3" in ev["learned_sink_note"]
+    assert "learned sinks need no cache slot" in rec.method
+    assert json.loads(json.dumps(rec.to_dict())) == rec.to_dict()
+
+
+def test_recommend_learned_sink_replaces_the_spread_out_fallback():
+    """Heads with 0.2 on each of tokens 0..3 (no first-token sink): without learned sinks the fallback keeps 4;
+    when a head parks 0.7 on its learned sink, that carries the excess and nothing is pinned."""
+    curve = [0.2 * min(k, 4) for k in range(1, 9)]
+    sm, ftm = _arrays([curve, curve, [0.01 * k for k in range(1, 9)]])
+    assert recommend_from_attention(sm, ftm, chance=0.05).sinks == 4  # unchanged without learned sinks
+    rec = recommend_from_attention(sm, ftm, chance=0.05, learned_sink_mass=np.array([[0.1], [0.0], [0.7]]))
+    assert rec.sinks == 0
+    ev = rec.evidence
+    assert ev["learned_sink_carries_excess"] is True and ev["heads_used"] == 0
+    assert "no spread-out fallback" in ev["heads_basis"]
+    assert ev["spread_out_heads_skipped"] == 2
+    assert ev["spread_out_excess"] == pytest.approx(4 * (0.2 - 0.05))  # the two heads' above-chance first-8 mass
+    assert "2 heads put more than 0.3 on the first 8 tokens together (0.600 of it above chance)" in ev["note"]
+    # a learned sink below the threshold carries nothing: the fallback runs as before
+    low = recommend_from_attention(sm, ftm, chance=0.05, learned_sink_mass=np.array([[0.1], [0.0], [0.2]]))
+    assert low.sinks == 4 and low.evidence["learned_sink_carries_excess"] is False
+    assert "spread_out_heads_skipped" not in low.evidence
+
+
+def test_recommend_learned_sinks_below_threshold_change_nothing_but_evidence():
+    sm, ftm = _arrays([[0.02 * k for k in range(1, 9)]] * 2)
+    rec = recommend_from_attention(sm, ftm, learned_sink_mass=np.array([[0.2], [0.3]]))  # 0.3 is not above 0.3
+    assert rec.sinks == 0
+    assert rec.evidence["learned_sink_heads"] == 0
+    assert rec.evidence["learned_sink_carries_excess"] is False
+    assert rec.evidence["note"] == "no head parks attention on the first tokens"
+
+
+def test_recommend_with_learned_sinks_counts_the_first_token_mass_that_remains():
+    """Token sink heads are chosen and counted exactly as without learned sinks; the learned sink adds evidence."""
+    per_token = np.array([0.5, 0.2] + [0.01] * 6)  # a sink on tokens 0 and 1 besides the learned sink
+    sm = np.broadcast_to(np.cumsum(per_token), (2, 2, 8)).copy()
+    sm[1, 1] = np.cumsum([0.05] * 8)  # one head parks nothing on its first tokens...
+    learned = np.array([[0.2, 0.25], [0.25, 0.6]])  # ...but 0.6 on the learned sink
+    ftm = sm[..., 0]
+    plain = recommend_from_attention(sm, ftm, chance=0.01)
+    rec = recommend_from_attention(sm, ftm, chance=0.01, learned_sink_mass=learned)
+    assert rec.sinks == plain.sinks == 2
+    assert rec.evidence["heads_used"] == 3
+    for key in ("curve", "excess_curve", "target", "mass_at_recommended", "heads_basis"):
+        assert rec.evidence[key] == plain.evidence[key]
+    np.testing.assert_allclose(rec.evidence["curve"], np.cumsum(per_token), atol=1e-6)
+    assert rec.evidence["learned_sink_heads"] == 1
+    assert rec.evidence["learned_sink_carries_excess"] is False
+    assert rec.evidence["learned_sink_mass_mean"] == pytest.approx(1.3 / 4)
+    assert rec.evidence["learned_sink_mass_by_layer"] == pytest.approx([0.225, 0.425])
+    assert "note" not in rec.evidence
+    assert "first-token mass that remains" in rec.evidence["learned_sink_note"]
+    assert rec.method.startswith(plain.method) and "learned sinks" in rec.method
+
+
+def test_recommend_refuses_learned_sink_mass_of_another_shape():
+    sm, ftm = _arrays([[0.9] * 8, [0.8] * 8])
+    with pytest.raises(ConfigError, match="learned_sink_mass has shape"):
+        recommend_from_attention(sm, ftm, learned_sink_mass=np.zeros((2, 3)))
+
+
+LEARNED = [np.array([[0.1, 0.6, 0.0, 0.2], [0.5, 0.05, 0.9, 0.3], [0.0, 0.0, 0.3, 0.1]]),
+           np.array([[0.3, 0.4, 0.0, 0.2], [0.3, 0.15, 0.7, 0.1], [0.2, 0.0, 0.1, 0.1]])]
+LEARNED_MEAN = np.array([[0.2, 0.5, 0.0, 0.2], [0.4, 0.1, 0.8, 0.2], [0.1, 0.0, 0.2, 0.1]])  # by hand
+
+
+def _with_learned(prof):
+    """The tiny Llama's profile as the capture of a model with learned sinks would give it (hand-made values)."""
+    from dataclasses import replace
+
+    prompts = [replace(p, learned_sink_mass=a) for p, a in zip(prof.prompts, LEARNED, strict=True)]
+    return replace(prof, prompts=prompts)
+
+
+def test_profile_without_learned_sinks(profiles):
+    prof = profiles["tiny-llama"]
+    assert prof.learned_sink_mass is None and not prof.has_learned_sinks
+    assert prof.learned_sink_heads() == []
+    assert prof.to_dict()["learned_sink_mass"] is None
+    assert "learned_sink_mass" not in prof.to_dataframe().columns
+    assert "learned" not in prof._repr_html_()
+    assert not [k for k in prof.recommendation.evidence if k.startswith("learned")]
+
+
+def test_profile_learned_sink_mass_is_the_mean_over_prompts(profiles):
+    prof = _with_learned(profiles["tiny-llama"])
+    assert prof.has_learned_sinks
+    np.testing.assert_allclose(prof.learned_sink_mass, LEARNED_MEAN, atol=1e-12)
+    # heads above 0.3 on the learned sink, strongest first
+    assert [(h["layer"], h["head"]) for h in prof.learned_sink_heads()] == [(1, 2), (0, 1), (1, 0)]
+    assert prof.learned_sink_heads()[0]["learned_sink_mass"] == pytest.approx(0.8)
+    d = json.loads(prof.to_json())
+    np.testing.assert_allclose(d["learned_sink_mass"], LEARNED_MEAN, atol=1e-6)
+    assert [len(r) for r in d["learned_sink_mass"]] == [4, 4, 4]
+    assert set(d["model"]) == set(profiles["tiny-llama"].to_dict()["model"])  # the model block is unchanged
+    df = prof.to_dataframe()
+    row = df[(df["layer"] == 1) & (df["head"] == 2)].iloc[0]
+    assert row.learned_sink_mass == pytest.approx(0.8)
+    assert row.first_token_mass == prof.first_token_mass[1, 2]
+    html = prof._repr_html_()
+    assert "learned sinks: mean learned-sink mass 0.233, 3 of 12 heads" in html  # 2.8 / 12
+    assert "<th>learned-sink mass</th>" in html
+    # only prompts that measured it count (one model: all or none; a mix is averaged over those that have it)
+    from dataclasses import replace
+
+    half = replace(prof, prompts=[prof.prompts[0], replace(prof.prompts[1], learned_sink_mass=None)])
+    np.testing.assert_allclose(half.learned_sink_mass, LEARNED[0])
+
+
+def test_analyze_passes_the_learned_sink_mass_to_the_recommendation(tiny_llama, monkeypatch):
+    """As capture will fill it for gpt-oss: analyze() gives the recommendation the mean over prompts."""
+    from sinkscope import analysis
+
+    real, given = analysis._analyze_one, iter(LEARNED)
+
+    def with_learned(*args, **kwargs):
+        res = real(*args, **kwargs)
+        res.learned_sink_mass = next(given)
+        return res
+
+    monkeypatch.setattr(analysis, "_analyze_one", with_learned)
+    prof = analyze(tiny_llama, [TEXT_60, TEXT_24 * 2], map_size=None, progress=False)
+    ev = prof.recommendation.evidence
+    assert ev["learned_sink_mass_mean"] == pytest.approx(LEARNED_MEAN.mean())
+    assert ev["learned_sink_mass_by_layer"] == pytest.approx(LEARNED_MEAN.mean(axis=1))
+    assert ev["learned_sink_heads"] == 3
+    np.testing.assert_allclose(prof.to_dict()["learned_sink_mass"], LEARNED_MEAN, atol=1e-6)

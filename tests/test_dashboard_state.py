@@ -185,3 +185,97 @@ def test_cli_serves_the_dashboard_until_interrupted(llama_dir):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert "Traceback" not in proc.stderr.read()
+
+
+# ------------------------------------------------------------------------------- learned sinks (gpt-oss)
+
+# Hand-made learned-sink mass for the tiny Llama's 3 layers x 4 heads, as capture gives it for gpt-oss.
+LEARNED = [[0.1, 0.7, 0.2, 0.0], [0.5, 0.05, 0.9, 0.3], [0.0, 0.0, 0.4, 0.1]]
+
+
+@pytest.fixture
+def learned_analyze(monkeypatch):
+    """sinkscope.analyze as it runs for a model with learned sinks: every prompt carries LEARNED."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    import sinkscope
+
+    real = sinkscope.analyze
+
+    def analyze(*args, **kwargs):
+        prof = real(*args, **kwargs)
+        return replace(prof, prompts=[replace(p, learned_sink_mass=np.array(LEARNED)) for p in prof.prompts])
+
+    monkeypatch.setattr(sinkscope, "analyze", analyze)
+
+
+def _done_job(analyses, text=TEXT[:80]):
+    job = analyses.start("tiny", Prompt("p", text))
+    wait(lambda: job.done)
+    assert job.error is None, job.error
+    return job
+
+
+def _callback(app, name):
+    """A registered callback's own function (Dash keeps it as ``__wrapped__``), to call without a browser."""
+    return next(cb["callback"].__wrapped__ for cb in app.callback_map.values()
+                if cb["callback"].__wrapped__.__name__ == name)
+
+
+def test_views_and_head_detail_with_and_without_learned_sinks(tiny_llama, learned_analyze, monkeypatch):
+    from dashboard.state import head_detail, heatmap_views
+
+    jobs = Analyses(ModelPool({"tiny": tiny_llama}), Limits())
+    p = _done_job(jobs).profile
+    assert heatmap_views(p) == ["first-token", "learned-sink"]
+    d = head_detail(p, 1, 2)
+    assert d["learned_sink_mass"] == pytest.approx(0.9) and d["learned_sink_head"] is True
+    assert d["first_token_mass"] == pytest.approx(float(p.prompts[0].first_token_mass[1, 2]))
+    assert d["sink_mass_k"] == pytest.approx(float(p.prompts[0].sink_mass[1, 2, -1])) and d["k_max"] == 8
+    assert head_detail(p, 2, 3)["learned_sink_mass"] == pytest.approx(0.1)
+    assert head_detail(p, 2, 3)["learned_sink_head"] is False
+    with pytest.raises(DashboardError, match="head 4 out of range"):
+        head_detail(p, 0, 4)
+    monkeypatch.undo()  # the plain analysis: no learned sinks
+    plain = _done_job(jobs).profile
+    assert heatmap_views(plain) == ["first-token"]
+    assert head_detail(plain, 1, 2)["learned_sink_mass"] is None
+    assert head_detail(plain, 1, 2)["learned_sink_head"] is False
+
+
+def test_analysis_view_shows_learned_sinks_only_for_models_that_have_them(tiny_llama, learned_analyze,
+                                                                          monkeypatch):
+    """The page's callbacks, called as Dash would: heatmap switch, hover and head line for a learned-sink model."""
+    import numpy as np
+    from dash import no_update
+
+    app = create_app({"tiny": tiny_llama})
+    try:
+        poll, switch = _callback(app, "poll_analysis"), _callback(app, "switch_heatmap")
+        head_map = _callback(app, "head_map")
+        job = _done_job(app.sinkscope.analyses)
+        out = poll(1, job.id, "first-token")
+        heatmap, options, value, hidden = out[2], out[7], out[8], out[9]
+        assert [o["value"] for o in options] == ["first-token", "learned-sink"] and hidden is False
+        assert value is no_update  # the user's pick stays
+        np.testing.assert_allclose(np.asarray(heatmap.data[0].customdata), LEARNED)  # hover: learned-sink mass
+        assert "learned-sink mass" in heatmap.data[0].hovertemplate
+        fig = switch("learned-sink", job.id)
+        np.testing.assert_allclose(np.asarray(fig.data[0].z), LEARNED)
+        assert "learned sink" in fig.layout.title.text
+        assert poll(2, job.id, "learned-sink")[2].layout.title.text == fig.layout.title.text  # the pick is kept
+        head_fig, text = head_map({"layer": 1, "head": 2}, "linear", job.id)
+        assert "learned-sink mass 0.900 (parks its excess on the learned sink" in text
+        assert head_fig.layout.title.text.endswith("learned sink 0.900")
+        monkeypatch.undo()  # a model without learned sinks: one view, hidden, reset to the first-token map
+        plain = _done_job(app.sinkscope.analyses)
+        out = poll(3, plain.id, "learned-sink")
+        assert [o["value"] for o in out[7]] == ["first-token"] and out[8] == "first-token" and out[9] is True
+        assert out[2].data[0].customdata is None and "first token" in out[2].layout.title.text
+        np.testing.assert_allclose(np.asarray(switch("learned-sink", plain.id).data[0].z),
+                                   plain.profile.first_token_mass)
+        assert "learned" not in head_map({"layer": 1, "head": 2}, "linear", plain.id)[1]
+    finally:
+        app.sinkscope.streams.shutdown()

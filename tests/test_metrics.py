@@ -97,6 +97,55 @@ def test_entropy_chunks_cover_all_queries(monkeypatch):
     np.testing.assert_allclose(metrics.entropy(a, 3), whole, rtol=1e-6)
 
 
+# ------------------------------------------------------------------------------------------ learned sinks
+
+
+def with_learned_sink(t: int) -> tuple[torch.Tensor, np.ndarray]:
+    """``[3, T, T]`` causal rows that miss a learned sink's share s[h, q] (rows sum to 1 - s): head 0 uniform over
+    its keys with s = 0.25, head 1 all on the first token with s growing with q, head 2 no sink at all."""
+    share = np.zeros((3, t))
+    share[0] = 0.25
+    share[1] = np.arange(t) / (2.0 * t)
+    a = uniform_causal(t, heads=3).double()
+    a[1] = 0.0
+    a[1, :, 0] = 1.0
+    a *= torch.from_numpy(1.0 - share)[:, :, None]
+    return a, share
+
+
+def test_learned_sink_mass_and_entropy_on_known_rows():
+    t, k = 24, 4
+    a, share = with_learned_sink(t)
+    qs = np.arange(k, t)
+    np.testing.assert_allclose(metrics.learned_sink_mass(a, k), share[:, k:].mean(1), atol=1e-12)
+    s1 = share[1, k:]
+    expected = [
+        np.mean(-0.75 * np.log(0.75 / (qs + 1)) - 0.25 * math.log(0.25)),  # keys and the sink outcome
+        np.mean(-(1 - s1) * np.log(1 - s1) - s1 * np.log(s1)),  # one key and the sink: a two-way split
+        np.mean(np.log(qs + 1)),  # no sink: the plain entropy
+    ]
+    np.testing.assert_allclose(metrics.entropy(a, k, learned_sink=True), expected, atol=1e-12)
+    plain = [np.mean(-0.75 * np.log(0.75 / (qs + 1))), np.mean(-(1 - s1) * np.log(1 - s1)), np.mean(np.log(qs + 1))]
+    np.testing.assert_allclose(metrics.entropy(a, k), plain, atol=1e-12)  # without the flag: the keys' terms only
+    # float32 input: the row sums are taken in float64, so the share is not lost to float32 sums.
+    np.testing.assert_allclose(metrics.learned_sink_mass(a.float(), k), share[:, k:].mean(1), atol=1e-6)
+
+
+def test_learned_sink_mass_is_clamped_and_chunked(monkeypatch):
+    a = uniform_causal(30, heads=2).double()
+    a[0] *= 1 + 1e-6  # rounding past 1: no negative sink mass, no NaN from -s log s
+    lsm = metrics.learned_sink_mass(a, 5)
+    assert lsm[0] == 0.0 and abs(lsm[1]) < 1e-8  # head 1: float32 rows, sums within rounding of 1
+    np.testing.assert_allclose(metrics.entropy(a, 5, learned_sink=True), metrics.entropy(a, 5), atol=1e-12)
+    b, _ = with_learned_sink(40)
+    whole = metrics.learned_sink_mass(b, 3), metrics.entropy(b, 3, learned_sink=True)
+    monkeypatch.setattr(metrics, "_ENTROPY_CHUNK", 7)
+    np.testing.assert_allclose(metrics.learned_sink_mass(b, 3), whole[0], atol=1e-12)
+    np.testing.assert_allclose(metrics.entropy(b, 3, learned_sink=True), whole[1], atol=1e-12)
+    with pytest.raises(ValueError, match="k_max"):
+        metrics.learned_sink_mass(b, 40)
+
+
 def test_results_are_float64_numpy():
     a = random_causal(20)
     for out in (metrics.first_token_mass(a, 4), metrics.sink_mass(a, 4), metrics.entropy(a, 4)):

@@ -249,7 +249,7 @@ def test_spec_tiny_gpt2(tiny_gpt2):
     s = tiny_gpt2.spec
     assert (s.architecture, s.model_type) == ("GPT2LMHeadModel", "gpt2")
     assert (s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim) == (2, 4, 4, 8)
-    assert (s.positional, s.max_positions) == ("learned", 64)
+    assert (s.positional, s.max_positions) == ("absolute", 64)
     assert s.adds_bos is False  # the tokenizer defines <bos> but does not add it
 
 
@@ -281,8 +281,8 @@ def test_spec_from_model_without_heads_or_shape():
 
     with pytest.raises(CaptureError, match="M has no attention heads to hook"):
         spec_from_model(M(), None, "m", "m")
-    Cfg.num_attention_heads = 4  # heads, but no hidden size
-    with pytest.raises(ModelLoadError, match="hidden_size / n_embd"):
+    Cfg.num_attention_heads = 4  # heads, but no layers
+    with pytest.raises(CaptureError, match="M has no config with a layer count"):
         spec_from_model(M(), None, "m", "m")
 
 

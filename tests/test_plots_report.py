@@ -391,3 +391,133 @@ def test_heatmap_marks_global_layers_of_hybrid_models(profile: SinkProfile) -> N
     assert list(fig.layout.yaxis.ticktext) == ["0", "1 global", "3 global"]  # LAYERS = [0, 1, 3]
     assert list(fig.layout.yaxis.tickvals) == [0, 1, 3]
     assert plots.first_token_heatmap(profile).layout.yaxis.ticktext is None  # uniform layers: plain numbers
+
+
+# ------------------------------------------------------------------------------- learned sinks (gpt-oss)
+
+# Hand-made learned-sink mass per prompt [3 layers, 4 heads], and its mean worked out by hand.
+LSM0 = np.array([[0.05, 0.6, 0.6, 0.1], [0.2, 0.3, 0.5, 0.65], [0.0, 0.35, 0.1, 0.6]])
+LSM1 = np.array([[0.15, 0.5, 0.4, 0.1], [0.2, 0.5, 0.3, 0.55], [0.2, 0.15, 0.1, 0.6]])
+LSM = np.array([[0.1, 0.55, 0.5, 0.1], [0.2, 0.4, 0.4, 0.6], [0.1, 0.25, 0.1, 0.6]])
+# above 0.3: L0H1 .55, L0H2 .5, L1H1 .4, L1H2 .4, L1H3 .6, L3H3 .6; mean over all 3.9 / 12 = 0.325
+LSM_HEADS = [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3), (3, 3)]
+
+
+def _learned(profile: SinkProfile, ftm_scale: float = 1.0) -> SinkProfile:
+    """``profile`` as a model with learned sinks would give it; ``ftm_scale`` < 1 shrinks the token sinks."""
+    from dataclasses import replace
+
+    prompts = []
+    for p, lsm in zip(profile.prompts, (LSM0, LSM1), strict=True):
+        ftm = p.first_token_mass * ftm_scale
+        prompts.append(replace(p, learned_sink_mass=lsm, first_token_mass=ftm, sink_mass=_sink_mass(ftm) * ftm_scale))
+    out = replace(profile, prompts=prompts)
+    out.recommendation = recommend_from_attention(out.sink_mass, out.first_token_mass, share=0.9,
+                                                  learned_sink_mass=out.learned_sink_mass)
+    return out
+
+
+@pytest.fixture
+def learned(profile: SinkProfile) -> SinkProfile:
+    return _learned(profile)
+
+
+def test_learned_sink_heatmap(learned: SinkProfile) -> None:
+    fig = plots.learned_sink_heatmap(learned)
+    hm = fig.data[0]
+    assert hm.type == "heatmap"
+    np.testing.assert_allclose(np.asarray(hm.z), LSM, atol=1e-12)
+    assert list(hm.y) == LAYERS and list(hm.x) == [0, 1, 2, 3]
+    assert (hm.zmin, hm.zmax) == (0.0, 1.0)
+    assert "learned-sink mass" in hm.colorbar.title.text and "learned-sink mass" in hm.hovertemplate
+    np.testing.assert_allclose(np.asarray(hm.customdata), np.mean([FTM0, FTM1], axis=0))  # hover: first-token mass
+    assert "first-token mass %{customdata:.3f}" in hm.hovertemplate
+    assert fig.layout.yaxis.autorange == "reversed"
+    rings = fig.data[1]
+    assert sorted(zip(rings.y, rings.x, strict=True)) == LSM_HEADS
+    np.testing.assert_allclose(np.asarray(learned.plot_learned_sinks().data[0].z), LSM, atol=1e-12)
+    # the first-token heatmap keeps its numbers and gains the learned-sink mass in its hover
+    ft = plots.first_token_heatmap(learned).data[0]
+    np.testing.assert_allclose(np.asarray(ft.z), np.mean([FTM0, FTM1], axis=0))
+    np.testing.assert_allclose(np.asarray(ft.customdata), LSM, atol=1e-12)
+    assert "learned-sink mass %{customdata:.3f}" in ft.hovertemplate
+
+
+def test_learned_sink_heatmap_refuses_a_model_without_learned_sinks(profile: SinkProfile) -> None:
+    with pytest.raises(ConfigError, match="has no learned sinks"):
+        plots.learned_sink_heatmap(profile)
+    with pytest.raises(ConfigError, match="has no learned sinks"):
+        profile.plot_learned_sinks()
+    ft = plots.first_token_heatmap(profile).data[0]
+    assert ft.customdata is None and "learned" not in ft.hovertemplate
+
+
+def test_attention_map_title_gives_the_heads_learned_sink(learned: SinkProfile, profile: SinkProfile) -> None:
+    assert plots.attention_map(learned, layer=3, head=3).layout.title.text.endswith(" · learned sink 0.600")
+    assert "learned" not in plots.attention_map(profile, layer=3, head=3).layout.title.text
+
+
+def test_learned_sinks_in_report_json(learned: SinkProfile, profile: SinkProfile, tmp_path: Path) -> None:
+    doc = json.loads(report.write_report(learned, tmp_path)["json"].read_text(encoding="utf-8"))
+    np.testing.assert_allclose(doc["learned_sink_mass"], LSM, atol=1e-6)
+    assert doc["model"] == profile.to_dict()["model"]
+    ev = doc["recommendation"]["evidence"]
+    assert ev["learned_sink_heads"] == len(LSM_HEADS)
+    assert ev["learned_sink_mass_mean"] == pytest.approx(0.325)
+    np.testing.assert_allclose(ev["learned_sink_mass_by_layer"], [1.25 / 4, 1.6 / 4, 1.05 / 4], atol=1e-6)
+    # the token sink heads are counted as before: the same sink count as without learned sinks
+    assert doc["recommendation"]["sinks"] == profile.recommendation.sinks
+    assert ev["curve"] == profile.recommendation.evidence["curve"]
+    assert json.loads(json.dumps(profile.to_dict()))["learned_sink_mass"] is None
+
+
+def test_learned_sinks_in_report_html(learned: SinkProfile) -> None:
+    page = report.render_html(learned)
+    assert 'id="fig-learned-sink"' in page
+    assert page.count('class="plotly-graph-div"') == 1 + 1 + 1 + 4 + 2 + 1 + 1  # one more: the learned-sink map
+    assert "Attention on the learned sink" in page
+    assert "needs no pinned token for it" in page and "<code>sinkscope eval-stream</code>" in page
+    assert f"heads give it {0.325:.1%} of their attention on average ({len(LSM_HEADS)} of 12 heads" in page
+    for i, layer in enumerate(LAYERS):  # the per-layer table, numbers from the hand-made arrays
+        row = f"<td>{layer}</td><td>{LSM[i].mean():.3f}</td><td>{LSM[i].max():.3f}</td><td>{(LSM[i] > 0.3).sum()}</td>"
+        assert row in page
+    assert "<th>learned-sink mass</th>" in page  # top sink heads: L0H0 first, learned-sink mass 0.1
+    assert "<td>0</td><td>0</td><td>0.800</td>" in page and "<td>0.100</td></tr>" in page
+
+
+def test_learned_sinks_in_report_markdown(learned: SinkProfile) -> None:
+    md = report.render_markdown(learned)
+    lines = md.splitlines()
+    at = lines.index("## Learned sinks")
+    assert "needs no pinned token for it" in lines[at + 2] and "`sinkscope eval-stream`" in lines[at + 2]
+    table = lines[lines.index("| layer | mean learned-sink mass | max | heads above threshold |"):][2:5]
+    assert table == [f"| {layer} | {LSM[i].mean():.3f} | {LSM[i].max():.3f} | {(LSM[i] > 0.3).sum()} |"
+                     for i, layer in enumerate(LAYERS)]
+    heads = lines[lines.index("## Top sink heads") + 2: lines.index("## Top sink heads") + 8]
+    assert heads[0] == "| # | layer | head | first-token mass | learned-sink mass |"
+    assert heads[2:] == ["| 1 | 0 | 0 | 0.800 | 0.100 |", "| 2 | 3 | 2 | 0.700 | 0.100 |",
+                         "| 3 | 1 | 1 | 0.450 | 0.400 |", "| 4 | 1 | 0 | 0.400 | 0.200 |"]
+    assert "learned sink mass mean: 0.325" in md  # the recommendation's evidence
+
+
+def test_reports_of_models_without_learned_sinks_say_nothing_of_them(profile: SinkProfile) -> None:
+    page, md = report.render_html(profile), report.render_markdown(profile)
+    assert "learned" not in page.replace(plots_bundle(), "").lower()
+    assert "learned" not in md.lower()
+
+
+def plots_bundle() -> str:
+    from plotly.offline import get_plotlyjs
+
+    return get_plotlyjs()
+
+
+def test_learned_sink_doing_the_job_is_said_in_the_reports(profile: SinkProfile) -> None:
+    """No head above 0.3 on its first tokens, six on the learned sink: 0 sink tokens, and the reports say why."""
+    weak = _learned(profile, ftm_scale=0.25)
+    assert not (weak.first_token_mass > 0.3).any() and not (weak.sink_mass[..., -1] > 0.3).any()
+    rec = weak.recommendation
+    assert rec.sinks == 0 and rec.evidence["learned_sink_carries_excess"] is True
+    for text in (report.render_html(weak), report.render_markdown(weak)):
+        assert "the learned sink does the job" in text
+        assert "the learned sink takes the excess, so a StreamingLLM cache needs no pinned token" in text

@@ -7,11 +7,18 @@ The independent references don't use the cache at all:
   explicit positions ``0 .. S+W-1``;
 * Gemma-3 ``[sliding, full]``: the local layer sees only relative distances, so a dense forward (no cache)
   over the whole stream gives the inputs of the global layer for every token; running the global layer
-  itself over the kept tokens at positions ``0 .. S+W-1``, then the norm and the LM head, gives the logits.
+  itself over the kept tokens at positions ``0 .. S+W-1``, then the norm and the LM head, gives the logits;
+* every family SinkCache serves (tests/families.py): a one-layer model against the fresh forward (partial and
+  interleaved RoPE, GPT-J's sinusoidal table, ALiBi, NoPE, proportional RoPE); Qwen3-Next
+  ``[linear_attention, full_attention]`` and Gemma-4 ``[sliding, full]`` against a dense forward spliced into
+  the attention layer (`spliced_reference`). The refused families must say why, in one line.
 """
 
 from __future__ import annotations
 
+import inspect
+
+import families
 import pytest
 import torch
 from conftest import build_gemma3, build_gpt2, build_llama
@@ -70,9 +77,11 @@ def attended(t: int, sinks: int, window: int) -> list[int]:
 
 @torch.no_grad()
 def fresh_logits(model, ids: torch.Tensor, idx: list[int]) -> torch.Tensor:
-    """No cache: the kept ids at positions 0 .. len-1, last-position logits."""
-    pos = torch.arange(len(idx)).unsqueeze(0)
-    return model(input_ids=ids[:, idx], position_ids=pos, use_cache=False).logits[0, -1]
+    """No cache: the kept ids at positions 0 .. len-1, last-position logits (ALiBi models: from the sequence)."""
+    kwargs = {"input_ids": ids[:, idx], "use_cache": False}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        kwargs["position_ids"] = torch.arange(len(idx)).unsqueeze(0)
+    return model(**kwargs).logits[0, -1]
 
 
 @torch.no_grad()
@@ -135,7 +144,7 @@ def test_rerotation_check_is_sensitive(monkeypatch):
     model = tiny_llama()
     ids = token_ids(40)
     cache = SinkCache(model, 2, 6)
-    monkeypatch.setattr(cache_mod, "_rerotate", lambda keys, delta, inv_freq: keys)
+    monkeypatch.setattr(cache_mod, "_rerotate", lambda keys, *args: keys)
     logits = stream(model, ids, cache)
     ref = fresh_logits(model, ids, attended(39, 2, 6))
     assert (logits[39] - ref).abs().max() > 1e-3
@@ -255,8 +264,12 @@ def test_sink_switch_off_then_on():
 
 def test_switching_back_on_restores_the_original_sinks_exactly():
     """Re-prefilling the first S tokens gives back the keys and values they had (any depth: they only ever
-    saw each other); local layers of Gemma-3 move with the frame and keep their keys."""
-    for model in (tiny_llama(layers=3), tiny_gemma(("sliding_attention", "full_attention") * 2, sliding_window=6)):
+    saw each other); local layers of Gemma-3 move with the frame and keep their keys. Also Qwen3-Next (its
+    linear layer before the attention layer), Gemma-4 (per-layer head dims), BLOOM (ALiBi), GPT-J."""
+    models = (tiny_llama(layers=3), tiny_gemma(("sliding_attention", "full_attention") * 2, sliding_window=6),
+              families.build("qwen3_next"), families.build("gemma4"), families.build("bloom"),
+              families.build("gptj"))
+    for model in models:
         ids = token_ids(40)
         cache = SinkCache(model, 3, 8)
         stream(model, ids[:, :20], cache)
@@ -302,9 +315,11 @@ def test_config_built_cache_serves_a_manual_loop():
     assert torch.allclose(torch.stack(a), torch.stack(b), atol=1e-6)
 
 
-def test_explicit_absolute_positions_are_replaced_by_the_cache():
-    """What generate() does: position_ids counted over the whole stream. The cache owns positions."""
-    model = tiny_llama()
+@pytest.mark.parametrize("arch", ["llama", "gptj"])
+def test_explicit_absolute_positions_are_replaced_by_the_cache(arch):
+    """What generate() does: position_ids counted over the whole stream. The cache owns positions (GPT-J: the
+    hook sits on GPTJModel, which holds the decoder layers; it has no rotary module)."""
+    model = tiny_llama() if arch == "llama" else one_layer("gptj")
     ids = token_ids(20)
     cache = SinkCache(model, 2, 6)
     with torch.no_grad():
@@ -392,7 +407,7 @@ def test_batch_size_change_is_refused():
 def test_gpt2_is_refused():
     model = build_gpt2()
     for source in (model, model.config):
-        with pytest.raises(ConfigError, match=r"no rotary position embeddings.*learns absolute"):
+        with pytest.raises(ConfigError, match=r"GPT2LMHeadModel: .*learns absolute position embeddings instead of ro"):
             SinkCache(source, 4, 16)
 
 
@@ -429,3 +444,207 @@ def test_gemma3_switch_keeps_local_layers_exact():
     for t, idx in {11: [8, 9, 10, 11], 14: [0, 1, 11, 12, 13, 14], 16: [0, 1, 13, 14, 15, 16]}.items():
         ref = gemma_reference(model, ids, t, idx)
         assert torch.allclose(logits[t], ref, atol=1e-4), f"t={t}: {(logits[t] - ref).abs().max():.2e}"
+
+
+# ------------------------------------------------------------------------------------------------- families
+#
+# Every family of tests/families.py that SinkCache serves, cut down to ONE full-attention layer (in the family's
+# own config names where it has them), streamed token by token past many evictions against a fresh forward
+# over the kept ids (`fresh_logits`). The scheme facts each case is meant to exercise are checked too, so that
+# a case can't silently turn into plain RoPE.
+
+S_FAM, W_FAM, T_FAM = 2, 8, 40
+_ONE_LAYER = {"gptj": {"n_layer": 1}, "mpt": {"n_layers": 1}, "bloom": {"n_layer": 1},
+              "smollm3": {"no_rope_layers": [0]}, "smollm3_rope": {"no_rope_layers": [1]},
+              "gemma2": {"layer_types": ["full_attention"]}, "gemma3": {"layer_types": ["full_attention"]},
+              "gemma4": {"layer_types": ["full_attention"]}, "gpt_oss": {"layer_types": ["full_attention"]},
+              "mistral": {"sliding_window": None}, "mixtral": {"sliding_window": None},
+              "phi3": {"sliding_window": None}, "qwen2": {"use_sliding_window": False}}
+# name -> (positions, rope layout, rotary dims, key head dim) of the one layer
+SERVED = {
+    "llama": ("rope", "half", 8, 8), "mistral": ("rope", "half", 8, 8), "mixtral": ("rope", "half", 8, 8),
+    "qwen2": ("rope", "half", 8, 8), "qwen3": ("rope", "half", 8, 8), "qwen3_moe": ("rope", "half", 8, 8),
+    "phi": ("rope", "half", 4, 8), "phi3": ("rope", "half", 8, 8), "gpt_neox": ("rope", "half", 4, 8),
+    "stablelm": ("rope", "half", 2, 8), "gptj": ("rope", "interleaved", 4, 8),
+    "cohere": ("rope", "interleaved", 8, 8), "falcon": ("rope", "half", 8, 8),
+    "falcon_alibi": ("alibi", None, None, 8), "mpt": ("alibi", None, None, 8), "bloom": ("alibi", None, None, 8),
+    "gemma": ("rope", "half", 8, 8), "gemma2": ("rope", "half", 8, 8), "gemma3": ("rope", "half", 8, 8),
+    "gemma4": ("rope", "half", 16, 16), "olmo2": ("rope", "half", 8, 8), "granite": ("rope", "half", 8, 8),
+    "gpt_oss": ("rope", "half", 8, 8), "smollm3": ("none", None, None, 8), "smollm3_rope": ("rope", "half", 8, 8),
+}
+
+
+def one_layer(name: str, **overrides):
+    """Family ``name`` with one full-attention layer (``smollm3``: a NoPE layer, ``smollm3_rope``: a RoPE one)."""
+    family = "smollm3" if name.startswith("smollm3") else name
+    return families.build(family, num_hidden_layers=1, **{**_ONE_LAYER.get(name, {}), **overrides})
+
+
+def max_error_after_evictions(model, ids: torch.Tensor, logits: list[torch.Tensor], sinks: int, window: int,
+                              reference=fresh_logits) -> float:
+    """Largest |logit difference| to the reference over the steps that follow the first eviction."""
+    return max((logits[t] - reference(model, ids, attended(t, sinks, window))).abs().max().item()
+               for t in range(sinks + window, ids.shape[1]))
+
+
+@pytest.mark.parametrize("name", sorted(SERVED))
+def test_family_streams_exactly(name):
+    model = one_layer(name)
+    ids = families.token_ids(T_FAM)
+    cache = SinkCache(model, S_FAM, W_FAM)
+    layer = cache.layers[0]
+    positions, layout, rotary_dim, head_dim = SERVED[name]
+    assert cache.scheme.layers[0].positions == positions and cache.scheme.layers[0].qk_head_dim == head_dim
+    assert (layer.rope is None) == (positions != "rope")  # ALiBi and NoPE keys are never re-rotated
+    if layer.rope is not None:
+        assert (layer.rope.layout, 2 * layer.rope.inv_freq.numel()) == (layout, rotary_dim)
+    logits = stream(model, ids, cache)
+    assert cache.seen_tokens == T_FAM and cache.get_seq_length() == S_FAM + W_FAM - 1
+    err = max_error_after_evictions(model, ids, logits, S_FAM, W_FAM)
+    assert err < 1e-4, f"{name}: max |logit difference| {err:.2e} after evictions"
+
+
+@pytest.mark.parametrize("name", ["phi", "gpt_neox", "gptj", "cohere", "gemma4"])
+def test_family_check_has_teeth(name, monkeypatch):
+    """Partial, interleaved and proportional RoPE: without re-rotation the same comparison fails."""
+    model = one_layer(name)
+    ids = families.token_ids(T_FAM)
+    cache = SinkCache(model, S_FAM, W_FAM)
+    monkeypatch.setattr(cache_mod, "_rerotate", lambda keys, *args: keys)
+    assert max_error_after_evictions(model, ids, stream(model, ids, cache), S_FAM, W_FAM) > 1e-3
+
+
+def spliced_reference(layer: int):
+    """Reference for a model whose layers before ``layer`` (the only sink layer) never evict: linear attention
+    (Qwen3-Next) or a local sliding window (Gemma-4). A dense forward over the whole stream, without any cache,
+    gives the input of ``layer`` for every token; a forward over the kept ids at positions ``0 .. len-1`` with
+    ``layer``'s input replaced by those dense hidden states (the model's own rotary, masks, norm and head)
+    gives the logits."""
+
+    @torch.no_grad()
+    def reference(model, ids: torch.Tensor, idx: list[int]) -> torch.Tensor:
+        block = model.model.layers[layer]
+        seen = {}
+
+        def grab(mod, args, kwargs):
+            seen["h"] = args[0] if args else kwargs["hidden_states"]
+
+        def splice(mod, args, kwargs):
+            h = seen["h"][:, idx]
+            return ((h, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": h})
+
+        handle = block.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            model(input_ids=ids[:, :idx[-1] + 1], use_cache=False)
+        finally:
+            handle.remove()
+        handle = block.register_forward_pre_hook(splice, with_kwargs=True)
+        try:
+            return fresh_logits(model, ids, idx)
+        finally:
+            handle.remove()
+
+    return reference
+
+
+def test_qwen3_next_keeps_linear_state_and_evicts_attention():
+    """[linear_attention, full_attention]: the linear layer keeps transformers' fixed-size state (it sees the
+    whole stream), the attention layer gets sinks + window; the reference runs the dense model for the linear
+    layer."""
+    model = families.build("qwen3_next")
+    ids = families.token_ids(T_FAM)
+    cache = SinkCache(model, S_FAM, W_FAM)
+    assert [type(layer).__name__ for layer in cache.layers] == ["LinearAttentionLayer", "_SinkLayer"]
+    logits = stream(model, ids, cache)
+    assert cache.get_seq_length() == S_FAM + W_FAM - 1 and cache.seen_tokens == T_FAM
+    assert cache.stored_lengths() == [0, S_FAM + W_FAM - 1] and cache.has_previous_state(0)
+    err = max_error_after_evictions(model, ids, logits, S_FAM, W_FAM, reference=spliced_reference(1))
+    assert err < 1e-4, f"max |logit difference| {err:.2e}"
+    cache.reset()
+    assert cache.seen_tokens == 0 and not cache.has_previous_state(0)
+
+
+def test_gemma4_per_layer_head_dims():
+    """Gemma-4 [sliding (head dim 8, default RoPE), full (head dim 16, proportional partial RoPE)]."""
+    model = families.build("gemma4")
+    ids = families.token_ids(T_FAM)
+    cache = SinkCache(model, S_FAM, W_FAM)
+    logits = stream(model, ids, cache)
+    assert [layer.keys.shape[-1] for layer in cache.layers] == [8, 16]
+    freqs = cache.layers[1].rope.inv_freq
+    assert freqs.numel() == 8 and int((freqs > 0).sum()) == 2  # proportional: 4 of 16 dimensions rotate
+    err = max_error_after_evictions(model, ids, logits, S_FAM, W_FAM, reference=spliced_reference(1))
+    assert err < 1e-4, f"max |logit difference| {err:.2e}"
+
+
+def test_smollm3_nope_layers_are_not_rerotated():
+    model = families.build("smollm3", num_hidden_layers=4)  # no_rope_layer_interval 2: layers 1 and 3 NoPE
+    cache = SinkCache(model, S_FAM, W_FAM)
+    assert [layer.rope is not None for layer in cache.layers] == [True, False, True, False]
+    stream(model, families.token_ids(20), cache)
+    assert cache.get_seq_length() == S_FAM + W_FAM - 1
+
+
+@pytest.mark.parametrize("name", ["gptj", "phi", "cohere", "falcon_alibi", "gemma4"])
+def test_config_built_cache_matches_model_built(name):
+    """From a config the scheme comes from the meta-device model, RoPE from the rotary class (GPT-J: its table)."""
+    model = one_layer(name)
+    ids = families.token_ids(24)
+    a = stream(model, ids, SinkCache(model.config, S_FAM, W_FAM))
+    b = stream(model, ids, SinkCache(model, S_FAM, W_FAM))
+    assert torch.allclose(torch.stack(a), torch.stack(b), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bloom", "falcon_alibi", "mpt", "gptj", "cohere"])
+def test_generate_matches_the_token_loop(name):
+    """generate() with a SinkCache past several evictions gives the token loop's logits: ALiBi (the bias length
+    follows the cache through the replaced 2-D mask) and interleaved RoPE (GPT-J's positions reach GPTJModel)."""
+    overrides = {"gptj": {"n_layer": 2}, "mpt": {"n_layers": 2}, "bloom": {"n_layer": 2}}.get(name, {})
+    model = families.build(name, **overrides)
+    prompt = families.token_ids(5)
+    new = 20
+    with torch.no_grad():
+        out = model.generate(prompt, past_key_values=SinkCache(model, 2, 6), max_new_tokens=new, min_new_tokens=new,
+                             do_sample=False, use_cache=True, output_logits=True, return_dict_in_generate=True,
+                             pad_token_id=0)
+    cache = SinkCache(model, 2, 6)
+    with torch.no_grad():
+        manual = [model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[0, -1:]]
+        for t in range(5, 5 + new - 1):
+            manual.append(model(input_ids=out.sequences[:, t:t + 1], past_key_values=cache, use_cache=True)
+                          .logits[0, -1:])
+    assert cache.seen_tokens == 5 + new - 1 > cache.get_seq_length()
+    assert torch.allclose(torch.cat(out.logits), torch.cat(manual), atol=1e-4)
+
+
+def test_padded_masks_and_use_cache_false_are_refused():
+    model = one_layer("bloom")
+    cache = SinkCache(model, 2, 6)
+    with torch.no_grad(), pytest.raises(ConfigError, match="padded batches"):
+        model(input_ids=families.token_ids(4), attention_mask=torch.tensor([[0, 1, 1, 1]]), past_key_values=cache)
+    with torch.no_grad(), pytest.raises(ConfigError, match="use_cache=True"):
+        model(input_ids=families.token_ids(4), past_key_values=cache, use_cache=False)
+    assert cache.seen_tokens == 0
+
+
+REFUSED = {
+    "gpt2": "learns absolute position embeddings",
+    "opt": "learns absolute position embeddings",
+    "deepseek_v3": "multi-head latent attention",
+    "llama4": "scales queries by their absolute position",
+    "llama4_chunked": "chunked attention layers",
+    "gemma3n": "KV sharing",
+}
+
+
+@pytest.mark.parametrize("name", sorted(REFUSED))
+def test_refused_families_say_why(name):
+    model = (families.build("llama4", attn_temperature_tuning=False) if name == "llama4_chunked"
+             else families.build(name))
+    arch = model.config.architectures[0] if model.config.architectures else type(model).__name__
+    for source in (model, model.config):
+        with pytest.raises(ConfigError) as exc:
+            SinkCache(source, 2, 8)
+        msg = str(exc.value)
+        assert "\n" not in msg and REFUSED[name] in msg and msg.startswith(f"{arch}: SinkCache"), msg
+        assert "use analyze/report" in msg  # what works instead

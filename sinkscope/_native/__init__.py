@@ -23,7 +23,7 @@ import torch  # first: the library's OpenMP reference must bind to the runtime t
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("rows.c")
-VERSION = 1  # sinkscope_rows_version() of rows.c
+VERSION = 2  # sinkscope_rows_version() of rows.c
 _RECIPE = 2  # of the build commands in _build: a change means a new library
 
 _lock = threading.Lock()
@@ -96,7 +96,7 @@ def _load() -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.sinkscope_rows.restype = None
     lib.sinkscope_rows.argtypes = [ptr, ptr, i64, i64, i64, i64, ctypes.c_int, i64, i64, i64, ptr, ptr, ptr, ptr,
-                                   ptr, ptr, i64, ptr, ctypes.c_int]
+                                   ptr, ptr, ptr, ptr, i64, ptr, ctypes.c_int]
     return lib
 
 
@@ -141,8 +141,12 @@ def describe(device: torch.device | str) -> str:
 def rows(scores: torch.Tensor, probs: torch.Tensor, q0: int, causal: bool, t: int, k_max: int, local: int,
          first: torch.Tensor, band: torch.Tensor, entropy: torch.Tensor, received: torch.Tensor,
          pooled: torch.Tensor | None, edges: torch.Tensor | None, query_bin: torch.Tensor | None,
-         threads: int) -> None:
-    """Run the fused row pass on one block; every tensor contiguous, on the CPU (see ``rows.c``)."""
+         threads: int, sink: torch.Tensor | None = None, sink_prob: torch.Tensor | None = None) -> None:
+    """Run the fused row pass on one block; every tensor contiguous, on the CPU (see ``rows.c``).
+
+    ``sink`` ``[heads]`` (float32): learned sink logits that join every row's softmax (gpt-oss), with
+    ``sink_prob`` ``[heads, T]`` receiving each row's sink probability; both None without learned sinks.
+    """
     lib = library()
     assert lib is not None
     heads, c, ld = scores.shape
@@ -151,6 +155,8 @@ def rows(scores: torch.Tensor, probs: torch.Tensor, q0: int, causal: bool, t: in
     def at(x: torch.Tensor | None) -> int | None:
         return None if x is None else x.data_ptr()
 
+    if (sink is None) != (sink_prob is None):
+        raise ValueError("sink and sink_prob go together")
     lib.sinkscope_rows(at(scores), at(probs), heads, c, ld, q0, int(causal), t, k_max, local, at(first),
-                       at(band), at(entropy), at(received), at(pooled), at(edges), n_bins, at(query_bin),
-                       threads)
+                       at(band), at(entropy), at(sink), at(sink_prob), at(received), at(pooled), at(edges), n_bins,
+                       at(query_bin), threads)

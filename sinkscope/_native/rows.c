@@ -7,6 +7,11 @@
  * needs about ten passes over each block for the same numbers; this is one read of the scores and two
  * passes over each probability row.
  *
+ * Learned sinks (gpt-oss): `sink` [heads] holds a per-head logit that joins every row's softmax as one more
+ * outcome that is no key; the row's probabilities then sum to 1 - (sink probability), which goes to
+ * `sink_prob` [heads, T], and the entropy is that of the whole distribution, sink included. Both are NULL
+ * for models without learned sinks: one test per row, nothing in the loops over keys.
+ *
  * Threads: OpenMP, sharing torch's runtime (torch loads libgomp.so.1 first, so this library's reference
  * binds to it). Each thread adds into its own slice of `received` and `pooled`; the caller sums slices.
  * Built with -ffast-math: masked scores are finite (-FLT_MAX), never inf or NaN.
@@ -16,12 +21,12 @@
 #include <stdint.h>
 #include <string.h>
 
-int sinkscope_rows_version(void) { return 1; }
+int sinkscope_rows_version(void) { return 2; }
 
 void sinkscope_rows(const float *scores, float *probs, int64_t heads, int64_t rows, int64_t ld, int64_t q0,
                     int causal, int64_t t, int64_t k_max, int64_t local, float *first, float *band,
-                    float *entropy, double *received, double *pooled, const int64_t *edges, int64_t n_bins,
-                    const int64_t *query_bin, int threads) {
+                    float *entropy, const float *sink, float *sink_prob, double *received, double *pooled,
+                    const int64_t *edges, int64_t n_bins, const int64_t *query_bin, int threads) {
     const int64_t units = heads * rows;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t u = 0; u < units; u++) {
@@ -33,6 +38,8 @@ void sinkscope_rows(const float *scores, float *probs, int64_t heads, int64_t ro
 
         float m = s[0];
         for (int64_t j = 1; j < n; j++) m = s[j] > m ? s[j] : m;
+        const float sk = sink ? sink[h] : 0.0f;
+        if (sink && sk > m) m = sk;
         float z = 0.0f, dot = 0.0f;
         for (int64_t j = 0; j < n; j++) {
             const float d = s[j] - m;
@@ -41,9 +48,18 @@ void sinkscope_rows(const float *scores, float *probs, int64_t heads, int64_t ro
             z += e;
             dot += e * d;
         }
+        float es = 0.0f; /* exp(sink - m): the sink's unnormalised share of the row */
+        if (sink) {
+            const float d = sk - m;
+            es = expf(d);
+            z += es;
+            dot += es * d;
+        }
         const float inv = 1.0f / z;
-        /* H = -sum p log p = log Z - sum e (s - m) / Z, with p = e / Z and e = exp(s - m). */
+        /* H = -sum p log p = log Z - sum e (s - m) / Z, with p = e / Z and e = exp(s - m) (the sink is one
+         * more term of both sums). */
         entropy[h * t + q] = logf(z) - dot * inv;
+        if (sink) sink_prob[h * t + q] = es * inv;
         if (n < ld) memset(p + n, 0, (size_t)(ld - n) * sizeof(float));
 
         double *recv = q >= k_max ? received + (int64_t)me * t : NULL;

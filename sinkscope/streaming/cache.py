@@ -24,14 +24,41 @@ and global layers use different bases). The cache keeps every key as it arrived,
 and rotates it to its current position in one step, in float32, each time attention reads it; re-rotating
 stored keys step after step would pile up rounding error (badly so in bfloat16).
 
-The re-rotation convention (``rotate_half``, optionally on the first part of the head only) is not
-assumed: at construction the cache checks it against the model's own rotary module and
-``apply_rotary_pos_emb``. Attention scaling factors (YaRN, ...) multiply the rotated key once and rotations
-keep them, so static RoPE types (default, linear, llama3, yarn, proportional; dynamic NTK, which is static
-below ``max_position_embeddings``, where the cache keeps every position) are exact. ``longrope`` switches its
-frequencies with the sequence length and is refused, like architectures without RoPE (GPT-2's learned
-absolute positions can't be re-assigned), layers without RoPE, MLA keys and attention types other than
-full and sliding-window.
+What SinkCache serves, and what it refuses
+------------------------------------------
+Whether a model is served, and how each layer's keys move, is decided by the model's
+:class:`~sinkscope.scheme.AttentionScheme` (:mod:`sinkscope.scheme`), not here: the cache calls
+``require("cache")`` and takes each layer's kind, positions, rotary dimensions and the RoPE layout from it.
+A cache built from a config derives the scheme from the model instantiated on the meta device.
+
+* **RoPE, either layout.** ``half`` (transformers' ``rotate_half``: Llama, Gemma, Qwen, ...) and
+  ``interleaved`` (adjacent pairs: Cohere, GPT-J). Only the first ``rotary_dim`` dimensions of a key head
+  rotate (partial rotary: Phi, StableLM, GPT-NeoX, Qwen3-Next); the rest pass through untouched. The
+  convention is not assumed: at construction the cache rotates a probe with the model's own rotation (its
+  rotary module and ``apply_rotary_pos_emb``; GPT-J, which has no rotary module, with the sinusoidal
+  ``embed_positions`` table of its attention and its ``apply_rotary_pos_emb(tensor, sin, cos)``), re-rotates
+  it with its own code and refuses the model if the two disagree. Attention scaling factors (YaRN, ...)
+  multiply the rotated key once and rotations keep them, so the static RoPE types
+  (:data:`sinkscope.scheme.STATIC_ROPE`: default, linear, llama3, yarn, proportional, and dynamic NTK, which
+  is static below ``max_position_embeddings``, where the cache keeps every position) are exact; Gemma-4's
+  proportional RoPE has zero frequencies on the dimensions it doesn't rotate, which re-rotate by nothing.
+* **ALiBi** (MPT, BLOOM, Falcon with ``alibi=True``): keys carry no rotation, so nothing is re-rotated
+  (Falcon builds a rotary module even then and never uses it); the bias is built from the keys the cache
+  returns, so it follows in-cache distances. BLOOM and Falcon build it from the 2-D attention mask, so a
+  2-D all-ones mask passed with a SinkCache (what ``generate`` passes) is replaced by ones over the stored
+  plus new tokens; MPT slices a static table by the number of keys.
+* **Layers without RoPE** (SmolLM3's NoPE layers): their keys are never re-rotated; their attention sees no
+  positions at all apart from the causal mask, so eviction is exact.
+* **Hybrid linear attention** (Qwen3-Next): the softmax-attention layers get sinks + window; the
+  linear-attention layers keep their fixed-size conv and recurrent state exactly as transformers'
+  ``LinearAttentionLayer`` does (they see every token, nothing to evict). :meth:`SinkCache.get_seq_length`
+  reports the attention layers' positions.
+* **Per-layer head dims** (Gemma-4: sliding layers of head dim 8, full layers 16) come from the scheme.
+* **Refused**, each with the scheme's one-line reason and what works instead: learned absolute positions
+  (GPT-2, OPT: they can't be re-assigned), multi-head latent attention (DeepSeek-V3: part of each key carries
+  no rotation and is shared across heads), chunked attention and attention scaled by absolute position
+  (Llama-4), layers reusing another layer's keys and values (Gemma-3n), and RoPE types whose frequencies
+  change with the sequence length (``longrope``).
 
 Multi-token forwards (prefill)
 ------------------------------
@@ -68,7 +95,8 @@ The sink switch
   the oldest window tokens as new sinks, was measured and rejected: window tokens were computed with a
   long context and don't act as sinks (SmolLM2, window 64: the loss stayed as high as with no sinks).
   Re-prefilling needs the ids of the first ``S`` tokens, which :class:`~sinkscope.streaming.Streamer`
-  keeps (``S`` integers), and the model, so the cache must have been built from the model.
+  keeps (``S`` integers), and the model, so the cache must have been built from the model. Linear-attention
+  layers are not touched by the switch: their state summarises the whole stream either way.
 
 Why a ``transformers.Cache`` with custom layers
 ----------------------------------------------
@@ -80,14 +108,18 @@ reordering, batch selection and offloading.
 Transformers quirks handled here
 --------------------------------
 * ``generate`` passes ``position_ids`` counted from the attention mask: absolute stream positions, which
-  would bypass the cache's positions and break after the first eviction. Built from a model, the cache
-  installs (once per model) a forward pre-hook on the module that owns the rotary embedding; whenever a
-  ``SinkCache`` is the ``past_key_values`` of a call it replaces ``position_ids`` with the cache's positions
-  (any ``position_ids`` passed alongside a ``SinkCache`` are replaced; the cache owns positions). Built from
-  a config it can't, so ``generate`` refuses it (detected when ``generate`` marks the cache user-defined).
+  would bypass the cache's positions and break after the first eviction, and a 2-D attention mask as long as
+  the whole stream, from which BLOOM and Falcon build their ALiBi bias. Built from a model, the cache
+  installs (once per model) a forward pre-hook on the module that holds the decoder layers (GPT-J's
+  ``GPTJModel`` included); whenever a ``SinkCache`` is the ``past_key_values`` of a call it replaces
+  ``position_ids`` with the cache's positions (any ``position_ids`` passed alongside a ``SinkCache`` are
+  replaced; the cache owns positions) and a 2-D all-ones mask by ones over the stored plus new tokens. Built
+  from a config it can't, so ``generate`` refuses it (detected when ``generate`` marks the cache
+  user-defined).
 * ``generate`` slices a resumed prompt by ``get_seq_length()``, which counts cache positions, not tokens
   seen; after an eviction that slice is wrong, so ``generate`` refuses a cache that has evicted.
-* Padded batches are not supported: transformers indexes the 2-D padding mask with cache positions.
+* Padded batches are refused (a 2-D attention mask with zeros): transformers indexes the padding mask with
+  cache positions, which stop being token indices after the first eviction.
 * ``crop`` (assisted decoding) is refused: evicted tokens can't be restored.
 """
 
@@ -102,160 +134,231 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedConfig
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, LinearAttentionLayer
 
-from ..errors import ConfigError
-
-# RoPE types whose frequencies don't depend on the sequence length below max_position_embeddings.
-_STATIC_ROPE = frozenset({"default", "linear", "dynamic", "yarn", "llama3", "proportional"})
-_FULL, _SLIDING = "full_attention", "sliding_attention"
+from ..errors import ConfigError, SinkscopeError
+from ..scheme import (
+    FULL,
+    LINEAR,
+    ROPE,
+    SLIDING,
+    TYPE_OF_KIND,
+    AttentionScheme,
+    attention_modules,
+    attention_scheme,
+    decoder_layers,
+    meta_model,
+)
 
 __all__ = ["SinkCache"]
+
+# Probe positions for the rotation check: arrival positions and shifts (both directions); every position
+# stays in 0..31, inside any model's sinusoidal table.
+_PROBE_AT = torch.tensor([[12, 9, 20, 31]])
+_PROBE_SHIFT = torch.tensor([3, -7, 11, -30])
 
 
 # ------------------------------------------------------------------------------------------------ RoPE
 
 
+@dataclass(frozen=True)
+class _LayerRope:
+    """How one layer's stored keys move: the inverse frequencies of its rotation and the pair layout."""
+
+    inv_freq: torch.Tensor  # [rotary_dim / 2], float32, CPU
+    layout: str  # "half" (rotate_half) or "interleaved" (adjacent pairs)
+
+
 @dataclass
-class _Rope:
-    """A model's rotary embedding module, the function that applies it, and the module that calls it."""
+class _Rotation:
+    """A model's own RoPE: its inverse frequencies per layer type and a way to run its rotation on a probe."""
 
-    module: nn.Module
-    apply: Callable[..., Any]
-    owner: nn.Module | None  # computes position_ids and calls `module` (hook target); None from a config
+    inv_freq: Callable[[str], torch.Tensor]
+    rotate: Callable[[torch.Tensor, torch.Tensor, str], torch.Tensor]  # (x [B, H, L, r], positions [1, L], type)
+    what: str  # for messages
 
-    @property
-    def takes_layer_type(self) -> bool:
-        return "layer_type" in inspect.signature(self.module.forward).parameters
 
-    def rope_type(self, layer_type: str) -> str:
-        rt = getattr(self.module, "rope_type", "default")
-        return str(rt.get(layer_type, "default") if isinstance(rt, dict) else rt)
+def _call_apply(apply: Callable[..., Any], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Run a modeling file's ``apply_rotary_pos_emb`` on ``x`` whatever its convention."""
+    names = list(inspect.signature(apply).parameters)[:3]
+    if names[1:3] == ["cos", "sin"]:  # (x, cos, sin): Gemma-4
+        return apply(x, cos, sin)
+    if names[1:3] == ["sin", "cos"]:  # (tensor, sin, cos): GPT-J, CodeGen
+        return apply(x, sin, cos)
+    return apply(x, x, cos, sin)[1]  # (q, k, cos, sin): the common one; the key comes second
 
-    def inv_freq(self, layer_type: str) -> torch.Tensor:
+
+def _module_rotation(module: nn.Module, apply: Callable[..., Any]) -> _Rotation:
+    """The rotation of a transformers ``*RotaryEmbedding`` module and its ``apply_rotary_pos_emb``."""
+    takes_layer_type = "layer_type" in inspect.signature(module.forward).parameters
+
+    def inv_freq(layer_type: str) -> torch.Tensor:
         # The original frequencies: dynamic NTK only departs from them past max_position_embeddings.
         for name in (f"{layer_type}_original_inv_freq", f"{layer_type}_inv_freq", "original_inv_freq", "inv_freq"):
-            t = getattr(self.module, name, None)
+            t = getattr(module, name, None)
             if isinstance(t, torch.Tensor):
                 return t.detach().to("cpu", torch.float32).clone()
-        raise ConfigError(f"{type(self.module).__name__} has no inverse frequencies (inv_freq) for {layer_type} "
+        raise ConfigError(f"{type(module).__name__} has no inverse frequencies (inv_freq) for {layer_type} "
                           "layers; SinkCache can't re-rotate their keys")
 
-    def cos_sin(self, positions: torch.Tensor, layer_type: str) -> tuple[torch.Tensor, torch.Tensor]:
-        buf = next(iter(self.module.buffers()), None)
+    def rotate(x: torch.Tensor, positions: torch.Tensor, layer_type: str) -> torch.Tensor:
+        buf = next(iter(module.buffers()), None)
         device = buf.device if buf is not None else torch.device("cpu")
-        x = torch.zeros(1, 1, positions.shape[-1], 1, dtype=torch.float32, device=device)
+        z = torch.zeros(1, 1, positions.shape[-1], 1, dtype=torch.float32, device=device)
         pos = positions.to(device)
-        return self.module(x, pos, layer_type) if self.takes_layer_type else self.module(x, pos)
+        cos, sin = module(z, pos, layer_type) if takes_layer_type else module(z, pos)
+        return _call_apply(apply, x.to(device), cos, sin)
+
+    return _Rotation(inv_freq, rotate, type(module).__name__)
 
 
-def _rope_from_model(model: nn.Module, arch: str) -> _Rope | None:
-    modules = dict(model.named_modules())
-    for name, mod in modules.items():
+def _table_rotation(table: torch.Tensor, apply: Callable[..., Any]) -> _Rotation:
+    """GPT-J's rotation: a ``[positions, r]`` table of sines then cosines, ``apply(tensor [B, L, H, r], sin, cos)``."""
+    table = table.detach().to("cpu", torch.float32)
+    half = table.shape[-1] // 2
+
+    def inv_freq(layer_type: str) -> torch.Tensor:
+        # Row 1 holds sin and cos of the frequencies themselves (all below pi): read them back exactly.
+        row = table[1].double()
+        return torch.atan2(row[:half], row[half:]).float()
+
+    def rotate(x: torch.Tensor, positions: torch.Tensor, layer_type: str) -> torch.Tensor:
+        sin, cos = table[positions[0]][None].split(half, dim=-1)  # [1, L, r/2] each
+        return _call_apply(apply, x.transpose(1, 2), cos, sin).transpose(1, 2)
+
+    return _Rotation(inv_freq, rotate, "its sinusoidal embed_positions table")
+
+
+def _model_rotation(model: nn.Module, arch: str) -> _Rotation:
+    """The rotation a loaded model applies: its rotary module, or the sinusoidal table of its attention."""
+    for mod in model.modules():
         if type(mod).__name__.endswith("RotaryEmbedding"):
-            owner = modules[name.rpartition(".")[0]] if "." in name else model
-            apply = getattr(sys.modules[type(mod).__module__], "apply_rotary_pos_emb", None)
-            if apply is None:
-                raise ConfigError(f"{arch}: can't find apply_rotary_pos_emb next to {type(mod).__name__}; "
-                                  "SinkCache can't check how this model rotates keys")
-            return _Rope(mod, apply, owner)
-    return None
+            return _module_rotation(mod, _apply_of(sys.modules[type(mod).__module__], arch))
+    for attn in attention_modules(model).values():
+        table = getattr(attn, "embed_positions", None)
+        if isinstance(table, torch.Tensor) and table.dim() == 2:
+            return _table_rotation(table, _apply_of(sys.modules[type(attn).__module__], arch))
+    raise ConfigError(f"{arch}: can't find the rotary embedding of its RoPE layers (no *RotaryEmbedding module, "
+                      "no sinusoidal table); SinkCache can't re-rotate their keys")
 
 
-def _rope_from_config(config: PreTrainedConfig, arch: str) -> _Rope | None:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+def _config_rotation(meta: nn.Module, config: PreTrainedConfig, arch: str, rotary_dim: int) -> _Rotation:
+    """The same rotation without weights: the rotary class of the meta-device model built again on the CPU from
+    the config, or, for GPT-J, the family's ``create_sinusoidal_positions``."""
+    for mod in meta.modules():
+        if type(mod).__name__.endswith("RotaryEmbedding"):
+            cls = type(mod)
+            try:
+                rot = cls(getattr(mod, "config", None) or config)
+            except Exception as exc:  # any failure means we can't reproduce the model's RoPE from this config
+                raise ConfigError(f"{arch}: can't build {cls.__name__} from the config ({exc}); pass the model") \
+                    from exc
+            return _module_rotation(rot, _apply_of(sys.modules[cls.__module__], arch))
+    for attn in attention_modules(meta).values():
+        modeling = sys.modules[type(attn).__module__]
+        create = getattr(modeling, "create_sinusoidal_positions", None)
+        if isinstance(getattr(attn, "embed_positions", None), torch.Tensor) and create is not None:
+            return _table_rotation(create(int(_PROBE_AT.max()) + 2, rotary_dim), _apply_of(modeling, arch))
+    raise ConfigError(f"{arch}: can't find the rotary embedding of its RoPE layers; pass the model")
 
-    try:
-        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    except KeyError as exc:
-        raise ConfigError(f"{arch}: transformers has no causal LM for this config; pass the model instead") from exc
-    module = sys.modules[cls.__module__]
-    prefix = cls.__name__.split("For")[0]
-    found = [obj for name, obj in vars(module).items()
-             if name.endswith("RotaryEmbedding") and isinstance(obj, type) and issubclass(obj, nn.Module)]
-    if not found:
-        return None
-    rot_cls = next((c for c in found if c.__name__ == f"{prefix}RotaryEmbedding"), found[0])
-    apply = getattr(module, "apply_rotary_pos_emb", None)
+
+def _apply_of(modeling: Any, arch: str) -> Callable[..., Any]:
+    apply = getattr(modeling, "apply_rotary_pos_emb", None)
     if apply is None:
-        raise ConfigError(f"{arch}: can't find apply_rotary_pos_emb in {module.__name__}; "
-                          "SinkCache can't check how this model rotates keys")
-    try:
-        rot = rot_cls(config)
-    except Exception as exc:  # any failure means we can't reproduce the model's RoPE from this config
-        raise ConfigError(f"{arch}: can't build {rot_cls.__name__} from the config ({exc}); pass the model") from exc
-    return _Rope(rot, apply, None)
+        raise ConfigError(f"{arch}: can't find apply_rotary_pos_emb in {modeling.__name__}; SinkCache can't check "
+                          "how this model rotates keys")
+    return apply
 
 
-def _rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate RoPE-rotated ``keys`` ``[B, H, L, D]`` by ``delta[L]`` more positions (``rotate_half`` layout).
+def _rerotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """Rotate RoPE-rotated ``keys`` ``[B, H, L, D]`` by ``delta[L]`` more positions.
 
-    Computed in float32 and cast back once. With ``2 * len(inv_freq) < D`` only the first dimensions rotate
-    (partial rotary), as in transformers' models.
+    Only the first ``r = 2 * len(inv_freq)`` dimensions rotate (partial rotary: the rest pass through), as
+    pairs ``(i, i + r/2)`` (``layout="half"``, transformers' ``rotate_half``) or ``(2i, 2i + 1)``
+    (``"interleaved"``: Cohere, GPT-J). Computed in float32 and cast back once.
     """
     r = 2 * inv_freq.numel()
     ang = delta.to(torch.float32)[:, None] * inv_freq.to(keys.device)[None, :]
-    emb = torch.cat((ang, ang), dim=-1)
-    cos, sin = emb.cos(), emb.sin()
     k = keys[..., :r].to(torch.float32)
-    half = r // 2
-    rotated = k * cos + torch.cat((-k[..., half:], k[..., :half]), dim=-1) * sin
+    if layout == "interleaved":
+        cos, sin = ang.cos().repeat_interleave(2, dim=-1), ang.sin().repeat_interleave(2, dim=-1)
+        turned = torch.stack((-k[..., 1::2], k[..., ::2]), dim=-1).flatten(-2)
+    else:
+        emb = torch.cat((ang, ang), dim=-1)
+        cos, sin = emb.cos(), emb.sin()
+        half = r // 2
+        turned = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    rotated = k * cos + turned * sin
     if r < keys.shape[-1]:
         rotated = torch.cat((rotated, keys[..., r:].to(torch.float32)), dim=-1)
     return rotated.to(keys.dtype)
 
 
-def _probe(rope: _Rope, layer_type: str, inv_freq: torch.Tensor, head_dim: int, arch: str) -> None:
-    """Check that re-rotating the model's own rotated keys with ``inv_freq`` lands where the model would put them."""
+def _probe(rotation: _Rotation, layer_type: str, rope: _LayerRope, rotary_dim: int, arch: str) -> None:
+    """Check that re-rotating the model's own rotated keys lands where the model would put them.
+
+    The probe has ``rotary_dim`` dimensions, the slice of each key head the model's rotation acts on (a
+    partial-rotary model's apply function expects only that slice).
+    """
+    if 2 * rope.inv_freq.numel() != rotary_dim:
+        raise ConfigError(f"{arch}: {rotation.what} has {rope.inv_freq.numel()} frequencies for {layer_type} layers, "
+                          f"but they rotate {rotary_dim} dimensions; SinkCache can't tell which dimensions rotate")
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(1, 2, 4, head_dim, generator=gen)
-    p1 = torch.tensor([[5, 2, 9, 0]])
-    delta = torch.tensor([3, -7, 11, -30])
+    x = torch.randn(1, 2, _PROBE_AT.shape[-1], rotary_dim, generator=gen)
     try:
-        c1, s1 = rope.cos_sin(p1, layer_type)
-        c2, s2 = rope.cos_sin(p1 + delta, layer_type)
-        dev = c1.device
-        _, k1 = rope.apply(q.to(dev), q.to(dev), c1, s1)
-        _, k2 = rope.apply(q.to(dev), q.to(dev), c2, s2)
+        k1 = rotation.rotate(x, _PROBE_AT, layer_type)
+        k2 = rotation.rotate(x, _PROBE_AT + _PROBE_SHIFT, layer_type)
     except Exception as exc:  # a rotary layout we can't drive is a layout we can't re-rotate
-        raise ConfigError(f"{arch}: can't run the model's rotary embedding to check it ({exc}); "
-                          "SinkCache supports transformers' rotate_half RoPE") from exc
-    ours = _rerotate(k1.float().cpu(), delta, inv_freq)
+        raise ConfigError(f"{arch}: can't run the model's rotary embedding ({rotation.what}) to check it ({exc}); "
+                          "SinkCache re-rotates keys in the rotate_half or interleaved layout") from exc
+    ours = _rerotate(k1.float().cpu(), _PROBE_SHIFT, rope.inv_freq, rope.layout)
     err = (ours - k2.float().cpu()).abs().max().item()
     if not err <= 1e-3 * max(1.0, k2.abs().max().item()):
-        raise ConfigError(f"{arch}: re-rotating keys doesn't reproduce this model's RoPE for {layer_type} layers "
-                          f"(max error {err:.2g}); its rotary layout isn't one SinkCache can shift")
+        raise ConfigError(f"{arch}: re-rotating keys ({rope.layout} layout) doesn't reproduce this model's RoPE for "
+                          f"{layer_type} layers (max error {err:.2g}); its rotary layout isn't one SinkCache can shift")
 
 
-def _describe(model: nn.Module | None, config: PreTrainedConfig) -> str:
-    arch = (getattr(config, "architectures", None) or [type(model).__name__ if model is not None else ""])[0]
-    return arch or str(getattr(config, "model_type", "this model"))
+def _layer_ropes(model: nn.Module, config: PreTrainedConfig, scheme: AttentionScheme, arch: str, *,
+                 meta: bool) -> dict[int, _LayerRope]:
+    """Layer index -> how its keys move, for the RoPE layers of the scheme (others are never re-rotated).
 
-
-def _no_rope_error(model: nn.Module | None, config: PreTrainedConfig, arch: str) -> ConfigError:
-    learned = (model is not None and any(n.endswith("wpe") for n, _ in model.named_modules())) or (
-        getattr(config, "n_positions", None) is not None)
-    why = " (it learns absolute position embeddings)" if learned else ""
-    return ConfigError(
-        f"{arch} has no rotary position embeddings{why}; SinkCache re-assigns positions inside the cache by "
-        "re-rotating keys, which only RoPE allows: with other position schemes evicting tokens would give "
-        "silently wrong attention"
-    )
+    ``meta``: ``model`` is the weightless meta-device model of a config; the rotation is rebuilt on the CPU.
+    """
+    rotation: _Rotation | None = None
+    by_type: dict[tuple[str, int], _LayerRope] = {}
+    out: dict[int, _LayerRope] = {}
+    for ly in scheme.layers:
+        if not ly.attends or ly.positions != ROPE or not ly.rotary_dim:
+            continue
+        layer_type = TYPE_OF_KIND[ly.kind]
+        key = (layer_type, ly.rotary_dim)
+        if key not in by_type:
+            if rotation is None:
+                rotation = _config_rotation(model, config, arch, ly.rotary_dim) if meta else \
+                    _model_rotation(model, arch)
+            rope = _LayerRope(rotation.inv_freq(layer_type), scheme.rope_layout or "half")
+            _probe(rotation, layer_type, rope, ly.rotary_dim, arch)
+            by_type[key] = rope
+        out[ly.index] = by_type[key]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- layers
 
 
 class _StreamLayer(CacheLayerMixin):
-    """What global and local layers share: arrival-frame storage, the position counter, the batch check."""
+    """What global and local layers share: arrival-frame storage, the position counter, the batch check.
+
+    ``rope`` is None for layers whose keys carry no rotation (ALiBi, NoPE): they are never re-rotated.
+    """
 
     is_compileable = False
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, inv_freq: torch.Tensor, capacity: int, max_positions: int | None):
+    def __init__(self, rope: _LayerRope | None, capacity: int, max_positions: int | None):
         super().__init__()
-        self.inv_freq = inv_freq
+        self.rope = rope
         self.capacity = capacity  # global frame: tokens stored between forwards, S + W - 1
         self.max_positions = max_positions
         self.arrival: torch.Tensor | None = None  # position each stored key was rotated at
@@ -263,6 +366,11 @@ class _StreamLayer(CacheLayerMixin):
         self.seen = 0
         self.batch_size: int | None = None
         self._moved = False  # some stored key is no longer at its arrival position
+
+    @property
+    def inv_freq(self) -> torch.Tensor | None:
+        """The inverse frequencies this layer's keys are re-rotated with (None: never re-rotated)."""
+        return None if self.rope is None else self.rope.inv_freq
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -294,10 +402,10 @@ class _StreamLayer(CacheLayerMixin):
 
     def current_keys(self) -> torch.Tensor:
         """The stored keys rotated to their current positions."""
-        if not self._moved or self.stored() == 0:
+        if self.rope is None or not self._moved or self.stored() == 0:
             return self.keys
         delta = self.current_positions().to(self.arrival.device) - self.arrival
-        return _rerotate(self.keys, delta, self.inv_freq)
+        return _rerotate(self.keys, delta, self.rope.inv_freq, self.rope.layout)
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor):
         """Validate, then return (keys for attention, values for attention, all keys / values / arrivals)."""
@@ -334,8 +442,7 @@ class _StreamLayer(CacheLayerMixin):
         self._moved = False
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise ConfigError("a SinkCache can't be cropped: evicted tokens are gone (assisted or speculative "
-                          "decoding isn't supported)")
+        raise ConfigError(_NO_CROP)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
@@ -351,11 +458,14 @@ class _StreamLayer(CacheLayerMixin):
             self.batch_size = int(self.keys.shape[0])
 
 
+_NO_CROP = "a SinkCache can't be cropped: evicted tokens are gone (assisted or speculative decoding isn't supported)"
+
+
 class _SinkLayer(_StreamLayer):
     """A global attention layer: sinks plus a window, stored at positions ``0 .. stored-1``."""
 
-    def __init__(self, inv_freq: torch.Tensor, sinks: int, window: int, max_positions: int | None):
-        super().__init__(inv_freq, sinks + window - 1, max_positions)
+    def __init__(self, rope: _LayerRope | None, sinks: int, window: int, max_positions: int | None):
+        super().__init__(rope, sinks + window - 1, max_positions)
         self.sinks = sinks
         self.window = window
         self.sinks_enabled = True
@@ -387,8 +497,8 @@ class _LocalLayer(_StreamLayer):
 
     is_sliding = True
 
-    def __init__(self, inv_freq: torch.Tensor, sliding_window: int, capacity: int, max_positions: int | None):
-        super().__init__(inv_freq, capacity, max_positions)
+    def __init__(self, rope: _LayerRope | None, sliding_window: int, capacity: int, max_positions: int | None):
+        super().__init__(rope, capacity, max_positions)
         self.sliding_window = sliding_window
 
     def current_positions(self) -> torch.Tensor:
@@ -418,8 +528,8 @@ class _LocalLayer(_StreamLayer):
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def _set_positions_hook(module: nn.Module, args: tuple, kwargs: dict):
-    """Forward pre-hook: a call with a SinkCache takes its positions from the cache (see the module docstring)."""
+def _stream_inputs_hook(module: nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook: a call with a SinkCache takes positions and mask length from the cache (module docstring)."""
     # Models are called with keywords; positional arguments are mapped by name but left positional, because
     # transformers' forward decorators add keywords of their own.
     names = module._sinkscope_forward_params
@@ -432,44 +542,69 @@ def _set_positions_hook(module: nn.Module, args: tuple, kwargs: dict):
         x = given.get("inputs_embeds")
     if x is None:
         return None
+    if given.get("use_cache") is False:
+        raise ConfigError("a SinkCache was passed with use_cache=False: generate() then feeds the whole sequence "
+                          "again at every step (MPT's config defaults to use_cache=False); pass use_cache=True")
     batch, n = x.shape[0], x.shape[1]
     start = cache.get_seq_length()
-    cache.layers[0]._check(batch, n)
-    pos = torch.arange(start, start + n, device=x.device).unsqueeze(0).expand(batch, -1)
-    if "position_ids" in names[: len(args)]:
-        args = tuple(pos if name == "position_ids" else a for name, a in zip(names, args, strict=False))
-    else:
-        kwargs = {**kwargs, "position_ids": pos}
-    return args, kwargs
+    cache._first._check(batch, n)
+    new: dict[str, torch.Tensor] = {}
+    if "position_ids" in names:
+        new["position_ids"] = torch.arange(start, start + n, device=x.device).unsqueeze(0).expand(batch, -1)
+    mask = given.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        if not bool(mask.bool().all()):
+            raise ConfigError("SinkCache doesn't serve padded batches (an attention_mask with zeros): the padding "
+                              "mask is indexed by cache positions, which stop being token indices after an "
+                              "eviction; stream each sequence on its own, unpadded")
+        # As long as the keys the cache returns (ALiBi bias of BLOOM and Falcon is built from this mask).
+        new["attention_mask"] = mask.new_ones((batch, start + n))
+    args = tuple(new.pop(name) if name in new else a for name, a in zip(names, args, strict=False))
+    return args, {**kwargs, **new}
 
 
-def _install_position_hook(owner: nn.Module) -> bool:
-    if getattr(owner, "_sinkscope_position_hook", None) is not None:
-        return True
-    sig = inspect.signature(owner.forward)
-    if not {"position_ids", "past_key_values"} <= set(sig.parameters):
-        return False
-    owner._sinkscope_forward_params = list(sig.parameters)
-    owner._sinkscope_position_hook = owner.register_forward_pre_hook(_set_positions_hook, with_kwargs=True)
-    return True
+def _stack_owner(model: nn.Module) -> nn.Module | None:
+    """The module that holds the decoder layers and is called with ``past_key_values`` (``GPTJModel``, ...)."""
+    try:
+        first = decoder_layers(model)[0]
+    except SinkscopeError:
+        return None
+    for mod in model.modules():
+        for child in mod.children():
+            if isinstance(child, nn.ModuleList) and len(child) and child[0] is first:
+                return mod
+    return None
+
+
+def _install_stream_hook(owner: nn.Module, needs_positions: bool) -> bool:
+    """Install the pre-hook once per module; whether calls with a SinkCache get the cache's positions."""
+    if getattr(owner, "_sinkscope_position_hook", None) is None:
+        params = list(inspect.signature(owner.forward).parameters)
+        if "past_key_values" not in params:
+            return False
+        owner._sinkscope_forward_params = params
+        owner._sinkscope_position_hook = owner.register_forward_pre_hook(_stream_inputs_hook, with_kwargs=True)
+    return not needs_positions or "position_ids" in owner._sinkscope_forward_params
 
 
 class SinkCache(Cache):
     """StreamingLLM cache: ``sinks`` first tokens plus a window of ``window`` recent tokens per query.
 
     Args:
-        model_or_config: the model (preferred: needed for ``generate``; its rotary module is checked and
-            reused) or its config (manual token loops only).
+        model_or_config: the model (preferred: needed for ``generate``; its own rotation is checked and reused)
+            or its config (manual token loops only; the scheme comes from the model built on the meta device).
         sinks: ``S >= 0`` tokens pinned at the start of the cache.
         window: ``W >= 1`` most recent tokens each query attends to, itself included.
 
     Every query sees ``S + W`` keys at most, at positions below ``S + W``; global layers store
-    :attr:`capacity` ``= S + W - 1`` tokens between forwards, Gemma-3 local layers ``sliding_window - 1``.
-    See the module docstring for positions, prefill, the sink switch and Gemma-3.
+    :attr:`capacity` ``= S + W - 1`` tokens between forwards, Gemma-3 local layers ``sliding_window - 1``,
+    linear-attention layers their fixed-size state. See the module docstring for positions, the families
+    served, prefill, the sink switch and Gemma-3.
 
     Raises:
         ConfigError: bad sizes, ``S + W`` past the model's positions, or an architecture the cache can't
-            serve exactly (no RoPE, frequency-switching RoPE, attention types other than full/sliding).
+            serve exactly (the model's :class:`~sinkscope.scheme.AttentionScheme` says why; e.g. learned
+            absolute positions, MLA, chunked attention, KV sharing, frequency-switching RoPE).
     """
 
     def __init__(self, model_or_config: nn.Module | PreTrainedConfig, sinks: int, window: int):
@@ -483,41 +618,52 @@ class SinkCache(Cache):
         else:
             raise ConfigError(f"SinkCache needs a transformers model or config, not {type(model_or_config).__name__}")
         text = config.get_text_config(decoder=True)
-        arch = _describe(model, config)
-        max_pos = getattr(text, "max_position_embeddings", None)
+        try:
+            described = model if model is not None else meta_model(config)
+            scheme = attention_scheme(described)
+        except SinkscopeError as exc:  # a model sinkscope can't read at all (no decoder stack)
+            raise ConfigError(str(exc)) from exc
+        arch = scheme.architecture
+        scheme.require("cache", name=arch)
+        max_pos = _max_positions(text)
         if max_pos is not None and sinks + window > max_pos:
             raise ConfigError(f"sinks + window = {sinks + window} is more than {arch}'s {max_pos} positions; "
                               f"use sinks + window <= {max_pos}")
 
-        layer_types, layer_kwargs = _layer_plan(text, arch)
-        rope = _rope_from_model(model, arch) if model is not None else _rope_from_config(text, arch)
-        if rope is None:
-            raise _no_rope_error(model, text, arch)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-        inv_freqs: dict[str, torch.Tensor] = {}
-        for lt in sorted(set(layer_types)):
-            rt = rope.rope_type(lt)
-            if rt not in _STATIC_ROPE:
-                raise ConfigError(f"{arch} uses {rt!r} RoPE for {lt} layers, whose frequencies change with the "
-                                  f"sequence length; SinkCache supports {', '.join(sorted(_STATIC_ROPE))}")
-            inv_freqs[lt] = rope.inv_freq(lt)
-            _probe(rope, lt, inv_freqs[lt], head_dim, arch)
-
+        ropes = _layer_ropes(described, text, scheme, arch, meta=model is None)
         capacity = sinks + window - 1
-        layers: list[_StreamLayer] = []
-        for lt, kw in zip(layer_types, layer_kwargs, strict=True):
-            if lt == _FULL:
-                layers.append(_SinkLayer(inv_freqs[lt], sinks, window, max_pos))
-            else:
-                layers.append(_LocalLayer(inv_freqs[lt], int(kw["sliding_window"]), capacity, max_pos))
+        layers: list[Any] = []
+        for ly in scheme.layers:
+            if ly.kind == FULL:
+                layers.append(_SinkLayer(ropes.get(ly.index), sinks, window, max_pos))
+            elif ly.kind == SLIDING and ly.window:
+                layers.append(_LocalLayer(ropes.get(ly.index), int(ly.window), capacity, max_pos))
+            elif ly.kind == LINEAR:
+                layers.append(LinearAttentionLayer(number_of_states=_linear_states(text, ly.index)))
+            else:  # the scheme refuses these; a guard against a scheme that let one through
+                raise ConfigError(f"{arch}: SinkCache can't keep layer {ly.index} ({ly.kind} attention); it serves "
+                                  "full, sliding-window and linear-attention layers")
+        if not any(isinstance(layer, _StreamLayer) for layer in layers):
+            raise ConfigError(f"{arch} has no softmax-attention layer for SinkCache to evict from")
         super().__init__(layers=layers)
         self.sinks = sinks
         self.window = window
         self.max_positions = max_pos
-        self._positions_hooked = rope.owner is not None and _install_position_hook(rope.owner)
+        self.scheme = scheme
+        owner = _stack_owner(model) if model is not None else None
+        self._positions_hooked = owner is not None and _install_stream_hook(owner, needs_positions=bool(ropes))
         self._model = model  # re-prefills the sinks when they are switched back on
 
     # ----------------------------------------------------------------------------------- state
+
+    @property
+    def _stream_layers(self) -> list[_StreamLayer]:
+        return [layer for layer in self.layers if isinstance(layer, _StreamLayer)]
+
+    @property
+    def _first(self) -> _StreamLayer:
+        """The first softmax-attention layer: positions, tokens seen and batch size are read from it."""
+        return next(layer for layer in self.layers if isinstance(layer, _StreamLayer))
 
     @property
     def capacity(self) -> int:
@@ -527,7 +673,7 @@ class SinkCache(Cache):
     @property
     def seen_tokens(self) -> int:
         """Tokens fed to the cache so far (since construction or :meth:`reset`)."""
-        return self.layers[0].seen
+        return self._first.seen
 
     @property
     def cache_length(self) -> int:
@@ -535,12 +681,16 @@ class SinkCache(Cache):
         return max(self.stored_lengths())
 
     def stored_lengths(self) -> list[int]:
-        """Tokens stored now in each layer."""
-        return [layer.stored() for layer in self.layers]
+        """Tokens stored now in each layer (0 for linear-attention layers, which keep a fixed-size state)."""
+        return [layer.stored() if isinstance(layer, _StreamLayer) else 0 for layer in self.layers]
 
     def nbytes(self) -> int:
-        """Bytes of the stored key and value tensors, all layers."""
-        return sum(t.nbytes for layer in self.layers for t in (layer.keys, layer.values) if t is not None)
+        """Bytes of the stored key and value tensors, all attention layers.
+
+        The fixed-size conv and recurrent state of linear-attention layers isn't counted: it doesn't grow with
+        the stream (see :mod:`sinkscope.streaming.memory`).
+        """
+        return sum(t.nbytes for layer in self._stream_layers for t in (layer.keys, layer.values) if t is not None)
 
     @property
     def max_forward_tokens(self) -> int | None:
@@ -591,6 +741,8 @@ class SinkCache(Cache):
     def _shift_frame(self, shift: int, capacity: int, sinks: DynamicCache | None) -> None:
         """Drop (``sinks`` None) or put back (``sinks`` holds their keys/values) the sinks; move the frame."""
         for i, layer in enumerate(self.layers):
+            if not isinstance(layer, _StreamLayer):
+                continue  # linear-attention state summarises the whole stream: nothing to drop or move
             if isinstance(layer, _SinkLayer):
                 if sinks is None:
                     layer.keys, layer.values = layer.keys[..., self.sinks:, :], layer.values[..., self.sinks:, :]
@@ -610,12 +762,15 @@ class SinkCache(Cache):
     @property
     def batch_size(self) -> int:
         """Batch size of the stream, ``-1`` before the first forward (as transformers' caches report)."""
-        size = self.layers[0].batch_size
+        size = self._first.batch_size
         return -1 if size is None else size
 
     def reset(self) -> None:
         """Forget the stream (the sink switch keeps its setting)."""
         super().reset()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise ConfigError(_NO_CROP)
 
     # transformers' generate() marks a cache it was given as user-defined: the one place to catch its use.
     @property
@@ -641,20 +796,20 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _layer_plan(text: PreTrainedConfig, arch: str) -> tuple[list[str], list[dict]]:
-    """Layer types as DynamicCache would see them; refuse what SinkCache can't serve."""
-    if getattr(text, "qk_rope_head_dim", None):
-        raise ConfigError(f"{arch} uses multi-head latent attention (keys partly without RoPE); SinkCache "
-                          "can't re-rotate its keys")
-    no_rope = getattr(text, "no_rope_layers", None)
-    if getattr(text, "no_rope_layer_interval", None) or (isinstance(no_rope, list | tuple) and not all(no_rope)):
-        raise ConfigError(f"{arch} has layers without RoPE; SinkCache re-rotates every layer's keys")
+def _max_positions(config: PreTrainedConfig) -> int | None:
+    """The trained positions (MPT: its ALiBi table); None for models without a limit (BLOOM)."""
+    for name in ("max_position_embeddings", "n_positions", "max_seq_len"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return None
+
+
+def _linear_states(config: PreTrainedConfig, index: int) -> int:
+    """Conv/recurrent states per linear-attention layer, as transformers' own cache allocates them."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
     try:
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text)
-    except Exception as exc:  # config without the per-layer fields DynamicCache relies on
-        raise ConfigError(f"{arch}: can't read the attention type of each layer ({exc})") from exc
-    odd = sorted(set(layer_types) - {_FULL, _SLIDING})
-    if odd:
-        raise ConfigError(f"{arch} has {', '.join(odd)} layers; SinkCache serves full and sliding-window "
-                          "attention only")
-    return list(layer_types), list(layer_kwargs)
+        return int(get_layer_types_and_kwargs(config)[1][index].get("number_of_states", 1))
+    except Exception:  # a config without the per-layer fields: transformers' default
+        return 1

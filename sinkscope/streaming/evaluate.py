@@ -526,7 +526,7 @@ def prepare_stream_eval(lm: LoadedModel | str, text: str | Prompt | Sequence[int
         raise PromptError(f"the text {name!r} has {len(ids)} tokens{cut}; evaluating sinks up to {max(sinks)} with "
                           f"a window of {window} needs at least {need} (max sinks + window + {MIN_TARGETS} scored "
                           f"tokens): give a longer text, more --tokens or a smaller --window")
-    if ("dense" in modes and mp and len(ids) > mp and spec.positional != "rope"):
+    if ("dense" in modes and mp and len(ids) > mp and spec.positional == "absolute"):
         raise ConfigError(f"{spec.name} learns {mp} absolute positions; dense attention over {len(ids)} tokens "
                           f"can't run: use --tokens {mp} or less")
     n_targets = len(ids) - budget
