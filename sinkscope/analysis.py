@@ -554,7 +554,7 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
         raise ConfigError(unsupported)
     items = as_prompts(prompts)
     encoded = [_encode(lm, p, max_tokens, k_max) for p in items]
-    layer_list = _layer_list(layers, scheme.attention_layers, spec.n_layers)
+    layer_list = scheme.select_layers(layers, ConfigError)
     modes = [_mode_for(mode, int(ids.shape[1]), unsupported) for ids in encoded]
     if "maps" in modes:
         maps_ok = scheme.support()["maps"]
@@ -621,23 +621,6 @@ def _as_loaded(model: Any, tokenizer: Any) -> LoadedModel:
 
     name = getattr(model.config, "name_or_path", None) or type(model).__name__
     return LoadedModel(model, tokenizer, spec_from_model(model, tokenizer, str(name), str(name)))
-
-
-def _layer_list(layers: Sequence[int] | None, attending: list[int], n: int) -> list[int]:
-    if layers is None:
-        return list(attending)
-    out = []
-    for i in layers:
-        j = i + n if i < 0 else i
-        if not 0 <= j < n:
-            raise ConfigError(f"layer {i} out of range: the model has {n} layers")
-        if j not in attending:
-            raise ConfigError(f"layer {j} has no softmax attention (a linear-attention or recurrent layer); "
-                              f"layers with attention: {attending}")
-        out.append(j)
-    if not out:
-        raise ConfigError("layers must not be empty")
-    return sorted(set(out))
 
 
 def _encode(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int) -> torch.Tensor:

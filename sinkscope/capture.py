@@ -95,7 +95,7 @@ def capture(model: nn.Module, *, layers: Sequence[int] | None = None, heads: Seq
     scheme = attention_scheme(model)
     scheme.require("maps")
     modules = find_attention_modules(model)
-    selected = _select_layers(layers, scheme.attention_layers, len(scheme.layers))
+    selected = scheme.select_layers(layers)
     head_idx = list(heads) if heads is not None else None
     if head_idx is not None:
         n_heads = _n_heads(model)
@@ -413,7 +413,7 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
     if block_bytes is not None and block_bytes < 1:
         raise CaptureError(f"block_bytes must be positive, got {block_bytes}")
     modules = find_attention_modules(model)
-    selected = _select_layers(layers, scheme.attention_layers, len(scheme.layers))
+    selected = scheme.select_layers(layers)
     cap = StatsCapture(layers=selected, k_max=k_max)
 
     def done(layer: int, stats: LayerStats) -> None:
@@ -439,22 +439,6 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
                 _jobs.pop(key, None)
     if cap.stats:  # a forward ran: every selected layer must have reached the attention function
         check_layer_count(scheme, set(cap.stats), selected, "stats")
-
-
-def _select_layers(layers: Sequence[int] | None, attending: list[int], n: int) -> list[int]:
-    """Layer indices to capture (negative ones count from the end); each must have softmax attention."""
-    if layers is None:
-        return list(attending)
-    out = set()
-    for i in layers:
-        j = i + n if i < 0 else i
-        if not 0 <= j < n:
-            raise CaptureError(f"layer {i} out of range: the model has {n} layers")
-        if j not in attending:
-            raise CaptureError(f"layer {j} has no softmax attention to capture (a linear-attention or recurrent "
-                               f"layer); layers with attention: {attending}")
-        out.add(j)
-    return sorted(out)
 
 
 def bin_edges(length: int, size: int) -> list[tuple[int, int]]:

@@ -127,6 +127,25 @@ class AttentionScheme:
     def layer(self, index: int) -> LayerScheme:
         return self.layers[index]
 
+    def select_layers(self, layers: Any = None, error: type[Exception] = CaptureError) -> list[int]:
+        """Layer indices to measure, sorted (negative ones count from the end; default: every attention
+        layer). Raises ``error`` for an index out of range or a layer without softmax attention."""
+        attending, n = self.attention_layers, len(self.layers)
+        if layers is None:
+            return list(attending)
+        out = set()
+        for i in layers:
+            j = i + n if i < 0 else i
+            if not 0 <= j < n:
+                raise error(f"layer {i} out of range: the model has {n} layers")
+            if j not in attending:
+                raise error(f"layer {j} has no softmax attention to capture (a linear-attention or recurrent "
+                            f"layer); layers with attention: {attending}")
+            out.add(j)
+        if not out:
+            raise error("layers must not be empty")
+        return sorted(out)
+
     def rope_type(self, kind: str) -> str | None:
         """The rope_type of the layers of ``kind`` (full, sliding, ...), None when they don't use RoPE."""
         layer_type = TYPE_OF_KIND.get(kind, kind)
