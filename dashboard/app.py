@@ -43,6 +43,10 @@ DEFAULT_SAMPLE = "prose"  # analysed on first click: short enough to take a few 
 STREAM_SAMPLE = "long-document"  # streamed by default: long enough to run far past the window
 POLL_MS = 400
 CHART_EVERY = 16  # tokens between two redraws of the live chart
+# The text pane keeps the most recent tokens only (between PAGE_BLOCK and 2 x PAGE_BLOCK of them; the status
+# line counts them all): every poll re-renders the pane's children, so a pane of all the tokens of a fast
+# stream (hundreds per second on a small model) grew until the page stopped polling.
+PAGE_BLOCK = 512
 
 
 @dataclass
@@ -353,10 +357,14 @@ def _register(app: Dash, svc: Services) -> None:
                     "This stream is gone from the server (it restarted, or stopped the stream after the page "
                     "went quiet). Press Start to stream again.")
         tokens = s.tokens[:]  # a snapshot: the thread keeps appending
+        start, first = _page_start(cursor or 0), _page_start(len(tokens))
         new = tokens[cursor or 0:]
-        text = Patch()
-        if new:
-            text.extend([_token_span(t) for t in new])
+        if first != start:  # the pane moves on by a block: send the tokens it keeps, once per block
+            text: Any = [_token_span(t) for t in tokens[first:]]
+        else:
+            text = Patch()
+            if new:
+                text.extend([_token_span(t) for t in new])
         info = describe(s)
         finished = not s.running
         message = no_update
@@ -364,11 +372,25 @@ def _register(app: Dash, svc: Services) -> None:
             message = info["error"]
         elif finished and info["stop_reason"]:
             message = f"Stream stopped: {info['stop_reason']}."
-        # The chart is rebuilt every CHART_EVERY tokens, not every poll: a figure of thousands of points per
+        # The chart is rebuilt every few tokens (_chart_due), not every poll: a figure of thousands of points per
         # poll would cost the server more than the model's forward.
-        redraw = finished or (new and (cursor or 0) // CHART_EVERY != len(tokens) // CHART_EVERY)
+        redraw = finished or (new and _chart_due(cursor or 0, len(tokens)))
         figure = plots.stream_live(tokens) if redraw else no_update
         return text if new else no_update, len(tokens), _status(info), figure, finished, message
+
+
+def _chart_due(before: int, now: int) -> bool:
+    """Whether the live chart is redrawn after the stream went from ``before`` to ``now`` tokens: every
+    CHART_EVERY tokens at first, then every 1/32 of the stream (a power of two), so that a fast stream's
+    redraws, each of a figure of every token so far, cost the page about the same at any length."""
+    step = max(CHART_EVERY, 1 << max(0, (now // 32).bit_length() - 1))
+    return before // step != now // step
+
+
+def _page_start(n: int) -> int:
+    """The first token the text pane shows when ``n`` have streamed: a whole block back, so the pane holds
+    between PAGE_BLOCK and 2 x PAGE_BLOCK tokens and is replaced once per block, extended in between."""
+    return max(0, (n // PAGE_BLOCK - 1) * PAGE_BLOCK)
 
 
 def _token_span(t) -> html.Span:

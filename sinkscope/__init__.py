@@ -9,21 +9,26 @@ Notebook use::
     profile.plot_heatmap()        # plotly figure
 
 Long prompts (past 1024 tokens) are measured in statistics mode: the same numbers, computed block by block
-without any T x T attention map (``sinkscope.capture_stats``).
+without any T x T attention map (``sinkscope.capture_stats``). ``sinkscope.attention_scheme(model)`` says
+how a model attends and which modes serve it; ``sinkscope.check_model(model)`` holds each mode to an
+independent reference (``docs/models.md``).
 """
 
 from .analysis import PromptResult, Recommendation, SinkPosition, SinkProfile, analyze
 from .capture import Capture, StatsCapture, capture, capture_stats
+from .checks import SupportRow, check_model
 from .errors import SinkscopeError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
 from .prompts import Prompt
+from .scheme import AttentionScheme, attention_scheme
 from .streaming import SinkCache, Streamer
 from .streaming.evaluate import StreamEval, evaluate_stream
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionScheme",
     "Capture",
     "LoadedModel",
     "ModelSpec",
@@ -37,9 +42,12 @@ __all__ = [
     "StatsCapture",
     "StreamEval",
     "Streamer",
+    "SupportRow",
     "analyze",
+    "attention_scheme",
     "capture",
     "capture_stats",
+    "check_model",
     "evaluate_stream",
     "load_model",
 ]

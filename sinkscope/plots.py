@@ -27,6 +27,7 @@ MASS_SCALE = "Viridis"  # 0..1 attention mass
 ENTROPY_SCALE = "Cividis"
 SINK_COLOR = "#d62728"
 STREAM_COLOR = "#1f77b4"  # the stream-validated recommendation
+LIVE_POINTS = 2000  # most tokens a live stream chart draws per trace (longer streams are thinned)
 DENSE_COLOR = "#222222"
 RECOMPUTE_COLOR = "#7f7f7f"
 STREAM_SCALE = "Plasma"  # streaming lines, by sink count
@@ -501,8 +502,12 @@ def stream_live(tokens: Any, span: int = 32) -> go.Figure:
     step = [r["step"] for r in rows]
     nll = np.array([np.nan if r["nll"] is None else r["nll"] for r in rows], dtype=float)
     ent = np.array([np.nan if r["entropy"] is None else r["entropy"] for r in rows], dtype=float)
+    # Past LIVE_POINTS tokens the traces show every k-th token (the rolling mean still averages all of them):
+    # a live figure of every token of a long stream costs the page and the server more than the model.
+    k = max(1, -(-len(rows) // LIVE_POINTS))
     fig = make_subplots(rows=3, cols=1, shared_xaxes=True, vertical_spacing=0.06, row_heights=[0.56, 0.22, 0.22])
-    fig.add_trace(go.Scattergl(x=step, y=nll, mode="markers", marker=dict(size=3, color="#9ecae1"), name="NLL",
+    fig.add_trace(go.Scattergl(x=step[::k], y=nll[::k], mode="markers", marker=dict(size=3, color="#9ecae1"),
+                               name="NLL" if k == 1 else f"NLL (every {k}th token)",
                                hovertemplate="step %{x}<br>NLL %{y:.2f} nats<extra></extra>"), row=1, col=1)
     if len(nll):
         valid = np.where(np.isfinite(nll), nll, 0.0)
@@ -512,24 +517,31 @@ def stream_live(tokens: Any, span: int = 32) -> go.Figure:
         n = count - np.where(lo >= 0, count[np.maximum(lo, 0)], 0)
         roll = (total - np.where(lo >= 0, total[np.maximum(lo, 0)], 0)) / np.maximum(n, 1)
         roll[n == 0] = np.nan
-        fig.add_trace(go.Scattergl(x=step, y=roll, mode="lines", line=dict(color=STREAM_COLOR, width=2),
+        fig.add_trace(go.Scattergl(x=step[::k], y=roll[::k], mode="lines", line=dict(color=STREAM_COLOR, width=2),
                                    name=f"NLL, mean of last {span}",
                                    hovertemplate="step %{x}<br>rolling NLL %{y:.2f}<extra></extra>"), row=1, col=1)
-    fig.add_trace(go.Scattergl(x=step, y=ent, mode="lines", line=dict(color="#ff7f0e", width=1), name="entropy",
+    fig.add_trace(go.Scattergl(x=step[::k], y=ent[::k], mode="lines", line=dict(color="#ff7f0e", width=1),
+                               name="entropy",
                                hovertemplate="step %{x}<br>entropy %{y:.2f} nats<extra></extra>"), row=1, col=1)
     drift = [(r["step"], nll[i]) for i, r in enumerate(rows) if r["drift"]]
     if drift:
         fig.add_trace(go.Scattergl(x=[d[0] for d in drift], y=[d[1] for d in drift], mode="markers",
                                    marker=dict(size=6, color=SINK_COLOR, symbol="x"), name="drift flag",
                                    hoverinfo="skip"), row=1, col=1)
-    fig.add_trace(go.Scattergl(x=step, y=[r["cache_length"] for r in rows], mode="lines", name="cache length",
+    keep = _cache_points(rows, k)
+    fig.add_trace(go.Scattergl(x=[step[i] for i in keep], y=[rows[i]["cache_length"] for i in keep], mode="lines",
+                               name="cache length",
                                line=dict(color=DENSE_COLOR, width=2, shape="hv"), showlegend=False,
                                hovertemplate="step %{x}<br>cache %{y} tokens<extra></extra>"), row=2, col=1)
-    fig.add_trace(go.Scattergl(x=step, y=[r["cache_bytes"] / 2**20 for r in rows], mode="lines", showlegend=False,
+    fig.add_trace(go.Scattergl(x=[step[i] for i in keep], y=[rows[i]["cache_bytes"] / 2**20 for i in keep],
+                               mode="lines", showlegend=False,
                                name="cache memory", line=dict(color=RECOMPUTE_COLOR, width=2, shape="hv"),
                                hovertemplate="step %{x}<br>cache %{y:.2f} MiB<extra></extra>"), row=3, col=1)
-    for a, b in _off_spans(rows):
-        fig.add_vrect(x0=a - 0.5, x1=b + 0.5, fillcolor=SINK_COLOR, opacity=0.12, line_width=0, row="all", col=1)
+    # One rectangle per stretch with sinks off, over all three panels (paper height, the shared step axis); set
+    # in one layout update: add_vrect(row="all") validates each shape per panel and cost more than the traces.
+    fig.update_layout(shapes=[dict(type="rect", xref="x", yref="paper", x0=a - 0.5, x1=b + 0.5, y0=0, y1=1,
+                                   fillcolor=SINK_COLOR, opacity=0.12, line_width=0, layer="below")
+                              for a, b in _off_spans(rows)])
     if rows and any(not r["sinks_enabled"] for r in rows):  # a legend entry for the shading
         fig.add_trace(go.Scatter(x=[None], y=[None], mode="markers", name="sinks evicted",
                                  marker=dict(size=10, symbol="square", color=SINK_COLOR, opacity=0.3)), row=1, col=1)
@@ -540,6 +552,15 @@ def stream_live(tokens: Any, span: int = 32) -> go.Figure:
     fig.update_yaxes(title_text="MiB", rangemode="tozero", row=3, col=1)
     fig.update_xaxes(title_text="stream step (token)", row=3, col=1)
     return fig
+
+
+def _cache_points(rows: list[dict[str, Any]], k: int) -> list[int]:
+    """Rows for the step-shaped cache traces: every k-th, and every row where the cache changed size (so a
+    thinned trace still drops and climbs at the right token)."""
+    out = [i for i, r in enumerate(rows) if i % k == 0 or i == len(rows) - 1
+           or (i and (r["cache_length"] != rows[i - 1]["cache_length"]
+                      or r["cache_bytes"] != rows[i - 1]["cache_bytes"]))]
+    return out
 
 
 def _off_spans(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:

@@ -368,12 +368,7 @@ def _derive(model: nn.Module) -> AttentionScheme:
     arch = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
     layers = decoder_layers(model)
     n = len(layers)
-    try:
-        from transformers.cache_utils import get_layer_types_and_kwargs
-
-        types, kwargs = get_layer_types_and_kwargs(cfg)
-    except Exception:  # a config without the per-layer fields transformers' caches rely on
-        types, kwargs = ["full_attention"] * n, [{}] * n
+    types, kwargs = _layer_types(cfg, n)
     rotary = _rotary_dims(model)
     alibi = family in ALIBI_FAMILIES or bool(getattr(cfg, "alibi", False))
     absolute = _has_absolute_positions(model)
@@ -468,6 +463,42 @@ def _out_features(module: Any) -> int | None:
     """Output width of a projection: ``nn.Linear.out_features`` or GPT-2's ``Conv1D.nf``."""
     width = getattr(module, "out_features", None) or getattr(module, "nf", None)
     return int(width) if isinstance(width, int) else None
+
+
+def _layer_types(cfg: Any, n: int) -> tuple[list[str], list[dict[str, Any]]]:
+    """transformers' layer types (``full_attention``, ``sliding_attention``, ..., ``dummy`` for a layer that
+    reads another's keys) and each layer's window, as its caches see them. Read from the config the way
+    ``cache_utils.get_layer_types_and_kwargs`` does (transformers >= 5.2x); earlier 5.x releases lack that
+    helper or return another shape, so the same rules are applied here."""
+    try:
+        from transformers.cache_utils import get_layer_types_and_kwargs
+
+        types, kwargs = get_layer_types_and_kwargs(cfg)
+        if isinstance(types, list | tuple) and isinstance(kwargs, list | tuple) and len(types) == len(kwargs) == n \
+                and all(isinstance(k, dict) for k in kwargs):
+            return list(types), list(kwargs)
+    except Exception:  # no helper, or a config without the per-layer fields it relies on
+        pass
+    declared = _get(cfg, "layer_types")
+    types, kwargs = [], []
+    for i in range(n):
+        lc = _layer_cfg(cfg, i)
+        if declared and i < len(declared):
+            lt = declared[i]
+        elif _get(lc, "sliding_window") is not None:
+            lt = "sliding_attention"
+        elif _get(lc, "attention_chunk_size") is not None:
+            lt = "chunked_attention"
+        else:
+            lt = "full_attention"
+        window = _get(lc, "sliding_window") if lt == "sliding_attention" else (
+            _get(lc, "attention_chunk_size") if lt == "chunked_attention" else None)
+        types.append(lt)
+        kwargs.append({"sliding_window": window} if window is not None else {})
+    shared = int(_get(cfg, "num_kv_shared_layers") or 0)
+    for i in range(max(0, n - shared), n):  # the last layers reuse an earlier layer's keys and values
+        types[i] = "dummy"
+    return types, kwargs
 
 
 def _rotary_dims(model: nn.Module) -> dict[str, int]:

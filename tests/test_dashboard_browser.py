@@ -116,6 +116,37 @@ def test_page_loads_analysis_renders_and_head_click_updates_the_map(dash_duo, ap
     assert dash_duo.get_logs() == [], dash_duo.get_logs()
 
 
+@pytest.fixture
+def sink_logit_app(tok_bos):
+    """The dashboard on a tiny gpt-oss whose heads have large learned sink logits."""
+    import torch
+    from conftest import loaded
+    from families import build
+
+    model = build("gpt_oss")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.sinks.fill_(4.0)
+    app = create_app({"tiny-gpt-oss": loaded(model, tok_bos, "tiny-gpt-oss")}, limits=LIMITS)
+    yield app
+    app.sinkscope.streams.shutdown()
+
+
+def test_learned_sink_view_of_a_gpt_oss_style_model(dash_duo, sink_logit_app):
+    dash_duo.start_server(sink_logit_app)
+    dash_duo.wait_for_contains_text("#model-status", "2 layers x 4 heads", timeout=20)
+    assert not dash_duo.find_element("#heatmap-views").is_displayed()  # hidden until a learned-sink model runs
+    analyse_typed(dash_duo)
+    dash_duo.wait_for_element("#heatmap .hm, #heatmap .heatmaplayer", timeout=10)
+    wait_until(lambda: dash_duo.find_element("#heatmap-views").is_displayed(), what="the heatmap switch")
+    dash_duo.wait_for_contains_text("#heatmap .gtitle", "first token", timeout=10)
+    dash_duo.find_element("#heatmap-view input[value='learned-sink']").click()
+    dash_duo.wait_for_contains_text("#heatmap .gtitle", "learned sink", timeout=10)
+    dash_duo.wait_for_contains_text("#head-detail", "learned-sink mass", timeout=10)
+    dash_duo.wait_for_contains_text("#recommendation", "learned sink", timeout=10)
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()
+
+
 def test_stream_shows_tokens_arriving_and_the_switch_changes_the_cache(dash_duo, app):
     dash_duo.start_server(app)
     press(dash_duo, "#start")  # the default text (a long sample), S = 4, W = 128

@@ -197,3 +197,17 @@ def test_smollm2_long_prompt_goes_to_statistics_mode(smollm2):
     np.testing.assert_allclose(auto.prompts[0].attention.maps, maps.prompts[0].attention.maps, atol=ATOL)
     assert [s.position for s in auto.prompts[0].sink_positions] == [s.position for s in maps.prompts[0].sink_positions]
     assert auto.recommendation.sinks == maps.recommendation.sinks
+
+
+@pytest.mark.parametrize("name", ["smollm2", "gemma3"])
+def test_models_check_row_is_exact_on_the_embedded_models(name, request):
+    """``sinkscope models --check``'s checks on the real weights: every mode exact (Gemma-3's cache check
+    streams past its 512-token sliding window on the model cut to its first layer)."""
+    from sinkscope.checks import CHECKS, EXACT, check_model
+    from sinkscope.scheme import decoder_layers
+
+    lm = request.getfixturevalue(name)
+    row = check_model(lm.model)
+    assert {c: r.status for c, r in row.results.items()} == dict.fromkeys(CHECKS, EXACT), row.results
+    assert lm.model.config.num_hidden_layers == lm.spec.n_layers  # the cut-down model was restored
+    assert len(decoder_layers(lm.model)) == lm.spec.n_layers
