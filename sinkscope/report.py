@@ -194,10 +194,17 @@ def _model_rows(profile: SinkProfile) -> list[tuple[str, str]]:
     m = profile.model
     rows = [("name", m.name), ("source", m.source), ("architecture", f"{m.architecture} ({m.model_type})"),
             ("layers x heads", f"{m.n_layers} x {m.n_heads} query heads, {m.n_kv_heads} KV heads"),
-            ("head dim", str(m.head_dim)), ("positions", m.positional),
+            ("head dim", str(m.head_dim) + (f" (values {m.v_head_dim})" if m.v_head_dim else "")),
+            ("positions", m.positional),
             ("context", str(m.max_positions) if m.max_positions else "unknown")]
     if m.sliding_window:
         rows.append(("sliding window", str(m.sliding_window)))
+    if m.attention_layers:
+        rows.append(("attention layers", ", ".join(map(str, m.attention_layers)) + " (the others have none)"))
+    if m.learned_sinks:
+        rows.append(("learned sinks", "a sink logit per head"))
+    if m.softcap:
+        rows.append(("soft-cap", f"{m.softcap:g}"))
     rows.append(("weights", f"{m.dtype} on {m.device}"))
     return rows
 

@@ -521,3 +521,18 @@ def test_learned_sink_doing_the_job_is_said_in_the_reports(profile: SinkProfile)
     for text in (report.render_html(weak), report.render_markdown(weak)):
         assert "the learned sink does the job" in text
         assert "the learned sink takes the excess, so a StreamingLLM cache needs no pinned token" in text
+
+
+def test_model_card_names_what_the_scheme_found(profile: SinkProfile) -> None:
+    """Learned sinks, soft-capping, value dims and hybrid layers appear in the model card only when present."""
+    from dataclasses import replace
+
+    plain = report.render_markdown(profile)
+    assert "learned sinks" not in plain and "soft-cap" not in plain and "attention layers" not in plain
+    odd = replace(profile, model=replace(profile.model, learned_sinks=True, softcap=50.0, v_head_dim=6,
+                                         attention_layers=(1, 3)))
+    md = report.render_markdown(odd)
+    for row in ("| learned sinks | a sink logit per head |", "| soft-cap | 50 |",
+                f"| head dim | {profile.model.head_dim} (values 6) |",
+                "| attention layers | 1, 3 (the others have none) |"):
+        assert row in md, row
