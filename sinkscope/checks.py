@@ -241,7 +241,7 @@ def _check_analyze(model: nn.Module, ids: torch.Tensor, eager: _Eager, scheme: A
                 np.abs(prof.first_token_mass[row] - refs[layer]["first_token_mass"]).max())
             errors[f"{mode} layer {layer} entropy"] = float(np.abs(prof.entropy[row] - refs[layer]["entropy"]).max())
             if scheme.learned_sinks:
-                lsm = getattr(prof, "learned_sink_mass", None)
+                lsm = prof.learned_sink_mass
                 errors[f"{mode} layer {layer} learned_sink_mass"] = math.inf if lsm is None else float(
                     np.abs(lsm[row] - refs[layer]["learned_sink_mass"]).max())
     return _result(errors, TOLERANCE["analyze"], "metrics of eager maps" + (" (both modes)" if stats_ok else ""))
@@ -257,12 +257,9 @@ class _IdsTokenizer:
         self.ids = ids.cpu()
 
     def __call__(self, text: str, return_tensors: str | None = None, add_special_tokens: bool = True) -> Any:
-        class _Enc:
-            pass
+        from types import SimpleNamespace
 
-        enc = _Enc()
-        enc.input_ids = self.ids if return_tensors == "pt" else self.ids[0].tolist()  # type: ignore[attr-defined]
-        return enc
+        return SimpleNamespace(input_ids=self.ids if return_tensors == "pt" else self.ids[0].tolist())
 
     def decode(self, ids: list[int]) -> str:
         return " ".join(f"<{i}>" for i in ids)
