@@ -84,6 +84,14 @@ class Recommendation:
     def to_dict(self) -> dict[str, Any]:
         return {"sinks": self.sinks, "method": self.method, "evidence": self.evidence}
 
+    def attention_estimate(self) -> Recommendation:
+        """The attention-statistics recommendation: ``self``, or the first version that a validated
+        recommendation keeps in ``evidence["attention_estimate"]``."""
+        est = self.evidence.get("attention_estimate")
+        if isinstance(est, dict) and isinstance(est.get("sinks"), int):
+            return Recommendation(est["sinks"], str(est.get("method", "")), dict(est.get("evidence") or {}))
+        return self
+
 
 @dataclass
 class SinkProfile:
@@ -437,12 +445,8 @@ def _excess(curve: np.ndarray, chance: float) -> np.ndarray:
 
 
 def attention_estimate(rec: Recommendation) -> Recommendation:
-    """The attention-statistics recommendation in ``rec``: ``rec`` itself, or the first version that a validated
-    recommendation keeps in ``evidence["attention_estimate"]``."""
-    est = rec.evidence.get("attention_estimate")
-    if isinstance(est, dict) and isinstance(est.get("sinks"), int):
-        return Recommendation(est["sinks"], str(est.get("method", "")), dict(est.get("evidence") or {}))
-    return rec
+    """The attention-statistics recommendation in ``rec`` (:meth:`Recommendation.attention_estimate`)."""
+    return rec.attention_estimate()
 
 
 def recommend_from_stream_eval(stream_eval: Any, tolerance: float = DEFAULT_TOLERANCE, *,

@@ -180,10 +180,8 @@ def sink_mass_curves(profile: SinkProfile) -> go.Figure:
                         color=[min(profile.layers)], showscale=True,
                         colorbar=dict(title=dict(text="layer<br>(mean over heads)", side="right"),
                                       thickness=12, len=0.6, y=0.3))))
-    from .analysis import attention_estimate
-
     validated = profile.recommendation
-    rec = attention_estimate(validated)  # this figure shows the attention statistics the first version reads
+    rec = validated.attention_estimate()  # this figure shows the attention statistics the first version reads
     curve = rec.evidence.get("curve")
     if curve is None:
         chosen = np.asarray(profile.first_token_mass) > profile.threshold
