@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .errors import SinkscopeError
-from .scheme import AttentionScheme, attention_scheme, decoder_layers, forget, text_config
+from .scheme import AttentionScheme, attention_scheme, forget, stack_owner, text_config
 
 CHECKS = ("maps", "stats", "analyze", "cache", "streamer")
 TOLERANCE = {"maps": 1e-5, "stats": 1e-4, "analyze": 1e-4, "cache": 1e-4, "streamer": 1e-4}
@@ -88,6 +88,8 @@ class SupportRow:
             bits.append(f"soft-cap {s.softcap:g}")
         if len({(ly.qk_head_dim, ly.v_head_dim) for ly in attn}) > 1:
             bits.append("per-layer head dims")
+        if any(ly.kv_latent_dim for ly in attn):
+            bits.append("latent KV (MLA)")
         if any(ly.qk_head_dim != ly.v_head_dim for ly in attn):
             bits.append("value dim != key dim")
         if s.kv_shared:
@@ -281,8 +283,7 @@ def first_attention_layer(model: nn.Module) -> Iterator[int]:
     scheme = attention_scheme(model)
     first = scheme.attention_layers[0]
     keep = first + 1
-    layers = decoder_layers(model)
-    owner, attr = _owner_of(model, layers[0])
+    owner, attr = stack_owner(model)
     cfg = text_config(model)
     # getattr/setattr, not __dict__: GPT-J, Bloom and MPT map num_hidden_layers onto a name of their own.
     saved = {name: getattr(cfg, name, None) for name in ("num_hidden_layers", "layer_types", "no_rope_layers")}
@@ -301,14 +302,6 @@ def first_attention_layer(model: nn.Module) -> Iterator[int]:
             if value is not None or getattr(cfg, name, None) is not None:
                 setattr(cfg, name, value)
         forget(model)
-
-
-def _owner_of(model: nn.Module, first_layer: nn.Module) -> tuple[nn.Module, str]:
-    for mod in model.modules():
-        for name, child in mod.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) and child[0] is first_layer:
-                return mod, name
-    raise RuntimeError("can't find the module that holds the decoder layers")
 
 
 def _check_cache(model: nn.Module, scheme: AttentionScheme, sinks: int, window: int, n: int, vocab: int, *,

@@ -49,8 +49,6 @@ POSITION_SCALED = frozenset({"llama4_text", "llama4"})
 # RoPE types whose frequencies don't depend on the sequence length below max_position_embeddings, so a key
 # rotated at one position can be re-rotated to another exactly (dynamic NTK only departs past that length).
 STATIC_ROPE = frozenset({"default", "linear", "dynamic", "yarn", "llama3", "proportional"})
-# Modes a family is refused in although the checks below pass, with the reason.
-REFUSED: dict[tuple[str, str], str] = {}
 
 MODES = ("maps", "stats", "cache")
 MODE_NAMES = {"maps": "whole maps (capture, analyze mode='maps')",
@@ -74,6 +72,9 @@ class LayerScheme:
     n_heads: int | None
     n_kv_heads: int | None
     shared_kv: bool = False  # reads the keys and values that an earlier layer of its kind stored
+    # Multi-head latent attention (DeepSeek): the cache holds this many numbers per token (the compressed
+    # latent plus the rotary key part, shared by all heads) instead of per-head keys and values.
+    kv_latent_dim: int | None = None
 
     @property
     def attends(self) -> bool:
@@ -109,7 +110,7 @@ class AttentionScheme:
     eager_switch: bool  # set_attn_implementation("eager") takes effect after loading
     kv_shared: bool  # some layers read keys and values that another layer stored
     position_scaled: bool  # attention scaled by absolute position (refused by SinkCache)
-    rope_types: tuple[str, ...]  # rope_type per layer type (static RoPE can be re-rotated)
+    rope_types: tuple[tuple[str, str], ...]  # (layer type, rope_type) pairs (static RoPE can be re-rotated)
 
     @property
     def attention_layers(self) -> list[int]:
@@ -123,9 +124,6 @@ class AttentionScheme:
         if kinds <= {ROPE, NONE} and ROPE in kinds:
             return ROPE if kinds == {ROPE} else "rope+nope"
         return kinds.pop() if len(kinds) == 1 else "mixed"
-
-    def layer(self, index: int) -> LayerScheme:
-        return self.layers[index]
 
     def select_layers(self, layers: Any = None, error: type[Exception] = CaptureError) -> list[int]:
         """Layer indices to measure, sorted (negative ones count from the end; default: every attention
@@ -148,12 +146,7 @@ class AttentionScheme:
 
     def rope_type(self, kind: str) -> str | None:
         """The rope_type of the layers of ``kind`` (full, sliding, ...), None when they don't use RoPE."""
-        layer_type = TYPE_OF_KIND.get(kind, kind)
-        for entry in self.rope_types:
-            name, _, rt = entry.partition("=")
-            if name == layer_type:
-                return rt
-        return None
+        return dict(self.rope_types).get(TYPE_OF_KIND.get(kind, kind))
 
     # -- what works ------------------------------------------------------------------------------------------
     def support(self) -> dict[str, Support]:
@@ -161,9 +154,6 @@ class AttentionScheme:
         return {mode: self._support(mode) for mode in MODES}
 
     def _support(self, mode: str) -> Support:
-        refused = REFUSED.get((self.family, mode))
-        if refused:
-            return Support(False, refused)
         if not self.attention_layers:
             return Support(False, "no layer has softmax attention")
         if mode == "maps":
@@ -203,7 +193,7 @@ class AttentionScheme:
         if ROPE in pos and any(ly.rotary_dim is not None and ly.qk_head_dim is not None
                                and ly.rotary_dim > ly.qk_head_dim for ly in attn):
             return Support(False, "its rotary dimensions don't fit its key heads", window)
-        if self._mla():
+        if any(ly.kv_latent_dim for ly in attn):
             return Support(False, "multi-head latent attention: part of each key carries no rotation and is "
                                   "shared across heads, so its keys can't be re-rotated", window)
         moving = sorted({rt for ly in attn if ly.positions == ROPE
@@ -213,10 +203,6 @@ class AttentionScheme:
                                   "so keys can't be re-rotated to positions inside the cache exactly (SinkCache "
                                   f"serves {', '.join(sorted(STATIC_ROPE))} RoPE)", window)
         return Support(True)
-
-    def _mla(self) -> bool:
-        return any(ly.qk_head_dim != ly.v_head_dim and ly.rotary_dim is not None and ly.qk_head_dim is not None
-                   and ly.rotary_dim < ly.qk_head_dim and self.family.startswith("deepseek") for ly in self.layers)
 
     def require(self, mode: str, name: str | None = None) -> None:
         """Raise a :class:`~sinkscope.errors.SinkscopeError` (one line) when ``mode`` can't serve the model.
@@ -228,7 +214,7 @@ class AttentionScheme:
             raise (ConfigError if mode == "cache" else CaptureError)(s.message(name or self.family, mode))
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the report's ``model.scheme`` block and ``sinkscope models --check --json``."""
+        """JSON-ready, with the positions summary and each mode's support (``sinkscope models --check --json``)."""
         d = asdict(self)
         d["layers"] = [asdict(ly) for ly in self.layers]
         d["positions"] = self.positions
@@ -319,6 +305,17 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
         f"can't find the decoder layers of {type(model).__name__}: sinkscope needs a transformer with {n} "
         f"decoder layers whose attention is a child named one of {', '.join(ATTN_NAMES)} (Llama, Gemma, GPT-2, ...)"
     )
+
+
+def stack_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module that holds the decoder layers and the attribute they sit in (``(LlamaModel, "layers")``,
+    ``(GPTJModel, "h")``): the module called with ``past_key_values``."""
+    first = decoder_layers(model)[0]
+    for mod in model.modules():
+        for name, child in mod.named_children():
+            if isinstance(child, nn.ModuleList) and len(child) and child[0] is first:
+                return mod, name
+    raise CaptureError(f"can't find the module that holds the decoder layers of {type(model).__name__}")
 
 
 def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
@@ -413,7 +410,7 @@ def _derive(model: nn.Module) -> AttentionScheme:
         elif isinstance(no_rope, list | tuple) and i < len(no_rope) and not no_rope[i]:
             pos, rdim = NONE, None
         else:
-            rdim = rotary.get(lt) or rotary.get("*") or _config_rotary_dim(lc, qk)
+            rdim = rotary.get(lt) or rotary.get("*") or _config_rotary_dim(lc)
             pos = ROPE if rdim else NONE
             if rdim:
                 rope_types[lt] = _rope_type(model, lt)
@@ -422,7 +419,7 @@ def _derive(model: nn.Module) -> AttentionScheme:
         learned_sinks = learned_sinks or (isinstance(getattr(attn, "sinks", None), nn.Parameter) and "s_aux" in src)
         out.append(LayerScheme(i, kind, int(window) if window else None, pos, int(rdim) if rdim else None,
                                int(qk) if qk else None, int(v) if v else None, int(n_heads) if n_heads else None,
-                               int(n_kv) if n_kv else None, shared))
+                               int(n_kv) if n_kv else None, shared, _latent_dim(attn)))
     has_rope = any(ly.positions == ROPE for ly in out)
     softcap = _get(cfg, "attn_logit_softcapping")
     switch = family not in EAGER_AT_LOAD or getattr(model.config, "_attn_implementation", None) == "eager"
@@ -432,8 +429,14 @@ def _derive(model: nn.Module) -> AttentionScheme:
         learned_sinks=learned_sinks, softcap=float(softcap) if softcap else None, interface=interface,
         eager_switch=switch, kv_shared=any(ly.shared_kv for ly in out),
         position_scaled=family in POSITION_SCALED and bool(getattr(cfg, "attn_temperature_tuning", False)),
-        rope_types=tuple(f"{k}={v}" for k, v in sorted(rope_types.items())),
+        rope_types=tuple(sorted(rope_types.items())),
     )
+
+
+def _latent_dim(attn: nn.Module) -> int | None:
+    """Numbers per token an MLA layer caches (latent rank + rotary key dims), None for other attention."""
+    latent, rope = _get(attn, "kv_lora_rank"), _get(attn, "qk_rope_head_dim")
+    return int(latent) + int(rope) if latent and rope else None
 
 
 def _kv_heads(attn: nn.Module, n_heads: Any, qk: Any) -> int | None:
@@ -517,7 +520,7 @@ def _rotary_dims(model: nn.Module) -> dict[str, int]:
     return {}
 
 
-def _config_rotary_dim(cfg: Any, head_dim: int | None) -> int | None:
+def _config_rotary_dim(cfg: Any) -> int | None:
     """GPT-J style models rotate ``rotary_dim`` dimensions with a table inside the attention module."""
     r = _get(cfg, "rotary_dim")
     return int(r) if r else None

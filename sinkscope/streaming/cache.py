@@ -146,8 +146,8 @@ from ..scheme import (
     AttentionScheme,
     attention_modules,
     attention_scheme,
-    decoder_layers,
     meta_model,
+    stack_owner,
 )
 
 __all__ = ["SinkCache"]
@@ -566,14 +566,9 @@ def _stream_inputs_hook(module: nn.Module, args: tuple, kwargs: dict):
 def _stack_owner(model: nn.Module) -> nn.Module | None:
     """The module that holds the decoder layers and is called with ``past_key_values`` (``GPTJModel``, ...)."""
     try:
-        first = decoder_layers(model)[0]
+        return stack_owner(model)[0]
     except SinkscopeError:
         return None
-    for mod in model.modules():
-        for child in mod.children():
-            if isinstance(child, nn.ModuleList) and len(child) and child[0] is first:
-                return mod
-    return None
 
 
 def _install_stream_hook(owner: nn.Module, needs_positions: bool) -> bool:

@@ -60,22 +60,17 @@ def layer_bytes_per_token(spec: ModelSpec, dtype: str | None = None, *, model: A
         per = bytes_per_token_per_layer(spec, dtype)
         attends = set(spec.attention_layers) if spec.attention_layers else None
         return [per if attends is None or i in attends else 0 for i in range(spec.n_layers)]
-    from ..scheme import attention_modules, attention_scheme
+    from ..scheme import attention_scheme
 
     size = dtype_bytes(dtype or spec.dtype)
-    scheme = attention_scheme(model)
-    modules = attention_modules(model)
     out = []
-    for ly in scheme.layers:
+    for ly in attention_scheme(model).layers:
         if not ly.attends or ly.shared_kv:
             out.append(0)
-            continue
-        attn = modules.get(ly.index)
-        latent = getattr(attn, "kv_lora_rank", None)
-        if latent and getattr(attn, "qk_rope_head_dim", None):  # MLA: transformers caches the latent
-            out.append((int(latent) + int(attn.qk_rope_head_dim)) * size)
-            continue
-        out.append(int(ly.n_kv_heads or 0) * (int(ly.qk_head_dim or 0) + int(ly.v_head_dim or ly.qk_head_dim or 0))
+        elif ly.kv_latent_dim:  # MLA: transformers caches the latent, not per-head keys and values
+            out.append(ly.kv_latent_dim * size)
+        else:
+            out.append(int(ly.n_kv_heads or 0) * (int(ly.qk_head_dim or 0) + int(ly.v_head_dim or ly.qk_head_dim or 0))
                    * size)
     return out
 
