@@ -50,10 +50,11 @@ POSITION_SCALED = frozenset({"llama4_text", "llama4"})
 # rotated at one position can be re-rotated to another exactly (dynamic NTK only departs past that length).
 STATIC_ROPE = frozenset({"default", "linear", "dynamic", "yarn", "llama3", "proportional"})
 
-MODES = ("maps", "stats", "cache")
+MODES = ("maps", "stats", "cache", "onepass")
 MODE_NAMES = {"maps": "whole maps (capture, analyze mode='maps')",
               "stats": "statistics mode (capture_stats, analyze mode='stats')",
-              "cache": "SinkCache (stream, eval-stream, dashboard stream)"}
+              "cache": "SinkCache (stream, eval-stream --exact-stream, dashboard stream)",
+              "onepass": "one-pass streaming evaluation (eval-stream, report's validation)"}
 
 
 @dataclass(frozen=True)
@@ -167,7 +168,24 @@ class AttentionScheme:
                                       "sinkscope's attention function never sees its scores",
                                "use whole maps (mode='maps'), which analyze(mode='auto') falls back to")
             return Support(True)
+        if mode == "onepass":
+            return self._onepass_support()
         return self._cache_support()
+
+    def _onepass_support(self) -> Support:
+        """One pass is SinkCache's attention computed for every query at once, through the attention interface."""
+        cache = self._cache_support()
+        if not cache.ok:
+            return cache
+        token_by_token = ("eval-stream streams it token by token through SinkCache instead (--exact-stream): "
+                          "the same numbers, slower")
+        if not self.interface:
+            return Support(False, "its attention code bypasses transformers' attention interface, so the band and "
+                                  "sink attention can't be put in its place", token_by_token)
+        if any(ly.positions not in (ROPE, NONE) for ly in self.layers if ly.attends):
+            return Support(False, "one pass moves RoPE queries to their in-cache position; this model's "
+                                  "positions are of another kind", token_by_token)
+        return Support(True)
 
     def _cache_support(self) -> Support:
         window = "use analyze/report for its attention; stream it with a DynamicCache or a plain window"
@@ -211,7 +229,7 @@ class AttentionScheme:
         """
         s = self._support(mode)
         if not s.ok:
-            raise (ConfigError if mode == "cache" else CaptureError)(s.message(name or self.family, mode))
+            raise (ConfigError if mode in ("cache", "onepass") else CaptureError)(s.message(name or self.family, mode))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready, with the positions summary and each mode's support (``sinkscope models --check --json``)."""

@@ -144,7 +144,7 @@ def test_rerotation_check_is_sensitive(monkeypatch):
     model = tiny_llama()
     ids = token_ids(40)
     cache = SinkCache(model, 2, 6)
-    monkeypatch.setattr(cache_mod, "_rerotate", lambda keys, *args: keys)
+    monkeypatch.setattr(cache_mod, "rerotate", lambda keys, *args: keys)
     logits = stream(model, ids, cache)
     ref = fresh_logits(model, ids, attended(39, 2, 6))
     assert (logits[39] - ref).abs().max() > 1e-3
@@ -510,7 +510,7 @@ def test_family_check_has_teeth(name, monkeypatch):
     model = one_layer(name)
     ids = families.token_ids(T_FAM)
     cache = SinkCache(model, S_FAM, W_FAM)
-    monkeypatch.setattr(cache_mod, "_rerotate", lambda keys, *args: keys)
+    monkeypatch.setattr(cache_mod, "rerotate", lambda keys, *args: keys)
     assert max_error_after_evictions(model, ids, stream(model, ids, cache), S_FAM, W_FAM) > 1e-3
 
 
