@@ -3,6 +3,8 @@
     .venv/bin/python benchmarks/streaming.py cost     # per-token latency and memory at stream positions
     .venv/bin/python benchmarks/streaming.py long     # one stream past 2x max_position_embeddings
     .venv/bin/python benchmarks/streaming.py speed    # streaming vs sliding window with re-computation
+    .venv/bin/python benchmarks/streaming.py onepass  # Table 1: one pass vs token by token at 1k, 4k, 16k
+    .venv/bin/python benchmarks/streaming.py onelong --long-tokens 100000  # one pass far past the context
     .venv/bin/python benchmarks/streaming.py all
 
 Perplexity under eviction (Table 1 of Xiao et al.) is `sinkscope eval-stream`; see docs/performance.md.
@@ -111,9 +113,78 @@ def speed(lm, sinks: int, window: int, probe: int) -> dict:
             "speedup": recompute_s / stream_s}
 
 
+def table1(lm, sizes: list[int], sinks: list[int], window: int, steps: int, full_at: int | None) -> list[dict]:
+    """Perplexity under eviction for five sink counts + dense at each size: one pass (timed whole) against token
+    by token. A token-by-token step costs the same at every stream position once the cache is full (it holds
+    S + W - 1 tokens), so each cache's step is timed over `steps` steps after its prefill, and the whole run
+    is the prefill plus that rate times the steps left; at `full_at` tokens one cache is also streamed whole,
+    which checks that figure and the numbers (one pass against token by token, per token)."""
+    from sinkscope.streaming.evaluate import dense_nll, onepass_stream_nll, streaming_nll
+
+    rows = []
+    rate: dict[int, tuple[float, float]] = {}  # sinks -> (prefill s, s per step)
+    longest = _text_ids(lm.tokenizer, max(sizes))
+    for s in sinks:
+        cache = SinkCache(lm.model, s, window)
+        t0 = time.perf_counter()
+        _prefill(lm.model, cache, longest[: s + window], chunk=s + window)
+        pre = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for tok in longest[s + window: s + window + steps]:
+            _step(lm.model, cache, tok)
+        rate[s] = (pre, (time.perf_counter() - t0) / steps)
+    for n in sizes:
+        ids = longest[:n]
+        t0 = time.perf_counter()
+        dense_nll(lm, ids)
+        dense_s = time.perf_counter() - t0
+        one = {}
+        for s in sinks:
+            t0 = time.perf_counter()
+            onepass_stream_nll(lm, ids, s, window)
+            one[s] = time.perf_counter() - t0
+        token = {s: rate[s][0] + rate[s][1] * max(0, n - s - window) for s in sinks}
+        row = {"tokens": n, "window": window, "sinks": sinks, "dense_s": dense_s, "onepass_s": one,
+               "token_by_token_s": token, "token_steps_timed": steps,
+               "onepass_table_s": dense_s + sum(one.values()), "token_table_s": dense_s + sum(token.values())}
+        if full_at == n:
+            s = sinks[len(sinks) // 2]
+            t0 = time.perf_counter()
+            ref = streaming_nll(lm, ids, s, window)
+            row["token_by_token_whole"] = {"sinks": s, "seconds": time.perf_counter() - t0,
+                                           "estimated": token[s]}
+            got = onepass_stream_nll(lm, ids, s, window)
+            row["max_nll_difference"] = float(np.nanmax(np.abs(got - ref)))
+        rows.append(row)
+        print(f"  {n:>6} tokens: Table 1 one pass {row['onepass_table_s']:7.1f} s vs token by token "
+              f"{row['token_table_s']:8.0f} s: {row['token_table_s'] / row['onepass_table_s']:6.1f}x", flush=True)
+    return rows
+
+
+def one_long(lm, n_tokens: int, sinks: list[int], window: int, span: int) -> dict:
+    """One pass over `n_tokens` of the default text for each sink count: rolling perplexity per `span` tokens."""
+    from sinkscope.streaming.evaluate import default_text, onepass_stream_nll
+
+    ids = list(lm.tokenizer(default_text().text).input_ids)
+    if len(ids) < n_tokens:
+        raise SystemExit(f"the default text has {len(ids)} tokens, fewer than {n_tokens}")
+    ids = ids[:n_tokens]
+    out = {"tokens": n_tokens, "window": window, "span": span, "max_positions": lm.spec.max_positions, "runs": []}
+    for s in sinks:
+        t0 = time.perf_counter()
+        nll = onepass_stream_nll(lm, ids, s, window)[1:]
+        secs = time.perf_counter() - t0
+        blocks = [float(np.exp(nll[i:i + span].mean())) for i in range(0, len(nll) - span + 1, span)]
+        out["runs"].append({"sinks": s, "seconds": secs, "ppl": float(np.exp(nll[s + window:].mean())),
+                            "rolling_ppl": blocks, "rss_mb": _rss_mb()})
+        print(f"  S={s}: {secs:.0f} s, perplexity {out['runs'][-1]['ppl']:.2f}, rolling per {span}: "
+              + " ".join(f"{b:.1f}" for b in blocks), flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("part", choices=["cost", "long", "speed", "all"])
+    ap.add_argument("part", choices=["cost", "long", "speed", "onepass", "onelong", "all"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--sinks", type=int, default=4)
     ap.add_argument("--window", type=int, default=256)
@@ -122,6 +193,11 @@ def main() -> None:
     ap.add_argument("--long-tokens", type=int, default=None, help="default: 2.5 x max_position_embeddings")
     ap.add_argument("--span", type=int, default=1024, help="tokens per rolling-perplexity block")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000, 16000], help="onepass: text lengths")
+    ap.add_argument("--table-sinks", type=int, nargs="+", default=[0, 1, 2, 4, 8], help="onepass/onelong: S")
+    ap.add_argument("--steps", type=int, default=100, help="onepass: token-by-token steps timed per cache")
+    ap.add_argument("--full-at", type=int, default=1000,
+                    help="onepass: also stream one cache whole, token by token, at this size (0: never)")
     args = ap.parse_args()
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
@@ -144,6 +220,26 @@ def main() -> None:
         results["speed"] = r
         print(f"\nstreaming {r['stream_ms']:.1f} ms/token vs re-computation {r['recompute_ms']:.1f} ms/token "
               f"at window {r['window']}: {r['speedup']:.1f}x faster")
+    if args.part in ("onepass", "all"):
+        print(f"\nTable 1 ({len(args.table_sinks)} sink counts + dense, window {args.window}):")
+        rows = table1(lm, args.sizes, args.table_sinks, args.window, args.steps, args.full_at or None)
+        results["onepass"] = rows
+        print(f"\n{'tokens':>6} | {'dense s':>7} | {'one pass s (5 caches)':>21} | {'token by token s':>16} | "
+              f"{'ratio':>6} | {'Table 1 one pass s':>18}")
+        for r in rows:
+            one, tok = sum(r["onepass_s"].values()), sum(r["token_by_token_s"].values())
+            print(f"{r['tokens']:>6} | {r['dense_s']:>7.1f} | {one:>21.1f} | {tok:>16.0f} | {tok / one:>6.1f} | "
+                  f"{r['onepass_table_s']:>18.1f}")
+            if "token_by_token_whole" in r:
+                w = r["token_by_token_whole"]
+                print(f"       at {r['tokens']}: S={w['sinks']} streamed whole token by token in {w['seconds']:.0f} s "
+                      f"(estimated {w['estimated']:.0f} s); one pass vs token by token: max NLL difference "
+                      f"{r['max_nll_difference']:.1e} nats")
+    if args.part == "onelong":
+        n = args.long_tokens or 100_000
+        print(f"\none pass over {n} tokens ({n / (lm.spec.max_positions or n):.1f}x the context), window "
+              f"{args.window}:")
+        results["onelong"] = one_long(lm, n, args.table_sinks, args.window, args.span)
     if args.part in ("long", "all"):
         n = args.long_tokens or int(2.5 * (lm.spec.max_positions or 8192))
         t0 = time.perf_counter()

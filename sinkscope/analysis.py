@@ -257,7 +257,8 @@ class SinkProfile:
         Runs :func:`sinkscope.streaming.evaluate.evaluate_stream` (default modes: streaming and dense; the
         slow recompute adds nothing to the choice) on ``text`` (default: Python's documentation topics) with
         ``sinks`` (default: 0, 1, 2, 4, 8 and the attention estimate), then :meth:`attach_stream_eval`.
-        Other keywords (``window``, ``tokens``, ``modes``, ``chunk``, ...) go to ``evaluate_stream``.
+        Other keywords (``window`` (one or a grid), ``tokens``, ``modes``, ``exact_stream``, ...) go to
+        ``evaluate_stream``.
         """
         from .streaming.evaluate import DEFAULT_SINKS, evaluate_stream
 
@@ -455,9 +456,11 @@ def recommend_from_stream_eval(stream_eval: Any, tolerance: float = DEFAULT_TOLE
 
     ``stream_eval`` is a :class:`~sinkscope.streaming.evaluate.StreamEval` or its ``to_dict()``. A sink count
     qualifies when its streaming perplexity is at most ``(1 + tolerance) x`` the lowest streaming perplexity;
-    ties therefore go to the smallest count. Only the evaluated counts are candidates. ``attention`` (the first
-    version, from attention statistics) is kept in ``evidence["attention_estimate"]``, with its perplexity
-    when its count was evaluated.
+    ties therefore go to the smallest count. Only the evaluated counts are candidates. In a grid of windows the
+    rule is applied at each window and the largest of those counts is recommended (it qualifies at every
+    window); ``evidence["grid"]`` has each window's count and ``evidence["cheapest_cache"]`` the smallest
+    ``S + W`` within ``tolerance`` of dense. ``attention`` (the first version, from attention statistics) is
+    kept in ``evidence["attention_estimate"]``, with its perplexity when its count was evaluated.
 
     Raises:
         ConfigError: a negative tolerance, or no streaming result with a finite perplexity.
@@ -468,18 +471,25 @@ def recommend_from_stream_eval(stream_eval: Any, tolerance: float = DEFAULT_TOLE
     results = ev.get("results") if isinstance(ev, dict) else None
     if not isinstance(results, list):
         raise ConfigError("not a stream evaluation: it has no results")
-    ppl: dict[int, float] = {}
+    main = ev.get("window")
+    grid: dict[Any, dict[int, float]] = {}
     for r in results:
         if isinstance(r, dict) and r.get("mode") == "streaming" and isinstance(r.get("sinks"), int):
             v = r.get("ppl")
             if isinstance(v, (int, float)) and math.isfinite(v):
-                ppl[r["sinks"]] = float(v)
-    if not ppl:
+                grid.setdefault(r.get("window", main), {})[r["sinks"]] = float(v)
+    if main not in grid:
         raise ConfigError("the stream evaluation has no streaming result with a finite perplexity to recommend from")
-    best_sinks = min(ppl, key=lambda s: (ppl[s], s))
-    best = ppl[best_sinks]
+
+    def smallest(by: dict[int, float]) -> tuple[int, int, float]:
+        best_s = min(by, key=lambda s: (by[s], s))
+        return min(s for s, v in by.items() if v <= (1 + tolerance) * by[best_s]), best_s, by[best_s]
+
+    ppl = grid[main]
+    sinks, best_sinks, best = smallest(ppl)
     limit = (1 + tolerance) * best
-    sinks = min(s for s, v in ppl.items() if v <= limit)
+    per_window = {w: smallest(by)[0] for w, by in grid.items()}
+    sinks = max(per_window.values())
 
     def other(mode: str) -> float | None:
         return next((r.get("ppl") for r in results if isinstance(r, dict) and r.get("mode") == mode), None)
@@ -492,15 +502,28 @@ def recommend_from_stream_eval(stream_eval: Any, tolerance: float = DEFAULT_TOLE
         "dense_ppl": other("dense"), "recompute_ppl": other("recompute"), "window": ev.get("window"),
         "text": text.get("name"), "tokens": ev.get("tokens"), "n_targets": targets.get("count"),
         "exact": (ev.get("settings") or {}).get("exact"),
+        "streamed": (ev.get("settings") or {}).get("streaming"),
     }
+    if len(grid) > 1:
+        evidence["grid"] = [{"window": w, "sinks": per_window[w], "ppl_by_sinks": grid[w]} for w in sorted(grid)]
+        dense = other("dense")
+        if isinstance(dense, (int, float)) and math.isfinite(dense):
+            ok = [(s + w, s, w, v) for w, by in grid.items() for s, v in by.items() if v <= (1 + tolerance) * dense]
+            if ok:
+                _, s, w, v = min(ok)
+                evidence["cheapest_cache"] = {"sinks": s, "window": w, "cache_budget": s + w, "ppl": v,
+                                              "dense_ppl": dense}
+            else:
+                evidence["cheapest_cache"] = None
     if attention is not None:
         first = attention_estimate(attention)
         evidence["attention_estimate"] = first.to_dict()
         evidence["attention_estimate_ppl"] = ppl.get(first.sinks)
         evidence["agrees_with_attention_estimate"] = first.sinks == sinks
-    window = ev.get("window")
+    where = (f"windows {', '.join(map(str, sorted(grid)))}: the largest of each window's count" if len(grid) > 1
+             else f"window {main}")
     method = (f"stream eval: smallest sink count whose streaming perplexity is within {tolerance:.0%} of the best "
-              f"(window {window}, {targets.get('count', '?')} scored tokens of {text.get('name', 'a text')})")
+              f"({where}; {targets.get('count', '?')} scored tokens of {text.get('name', 'a text')})")
     return Recommendation(sinks, method, evidence)
 
 

@@ -16,7 +16,10 @@ The references are transformers' own computations, never sinkscope's:
   the model cut down to its first attention layer (its keys and values then depend only on the token and
   its position), against a fresh forward without any cache over the token ids each query keeps, at
   positions ``0 .. S + W - 1``; ``streamer``: the :class:`~sinkscope.streaming.Streamer`'s per-token NLL
-  against the same fresh forwards.
+  against the same fresh forwards;
+* ``onepass``: the one-pass streaming evaluation (:mod:`sinkscope.streaming.onepass`) of the whole model, in
+  chunks shorter than the window (so carried keys cross several chunks), against the NLL of the same tokens
+  streamed token by token through ``SinkCache`` (which the cache check holds to fresh forwards).
 """
 
 from __future__ import annotations
@@ -34,8 +37,8 @@ from torch import nn
 from .errors import SinkscopeError
 from .scheme import AttentionScheme, attention_scheme, forget, stack_owner, text_config
 
-CHECKS = ("maps", "stats", "analyze", "cache", "streamer")
-TOLERANCE = {"maps": 1e-5, "stats": 1e-4, "analyze": 1e-4, "cache": 1e-4, "streamer": 1e-4}
+CHECKS = ("maps", "stats", "analyze", "cache", "streamer", "onepass")
+TOLERANCE = {"maps": 1e-5, "stats": 1e-4, "analyze": 1e-4, "cache": 1e-4, "streamer": 1e-4, "onepass": 1e-4}
 EXACT, REFUSED, SKIPPED, FAILED = "exact", "refused", "skipped", "failed"
 K_CHECK = 4  # K of the metric checks: small, so that short prompts leave many queries
 
@@ -131,6 +134,8 @@ def check_model(model: nn.Module, *, ids: torch.Tensor | None = None, tokens: in
                 row.results[name] = _check_stats(model, ids, eager, scheme)
             elif name == "analyze":
                 row.results[name] = _check_analyze(model, ids, eager, scheme, support["stats"].ok)
+            elif name == "onepass":
+                row.results[name] = _check_onepass(model, scheme, sinks, window, ids)
             else:
                 row.results[name] = _check_cache(model, scheme, sinks, window, stream_tokens, vocab,
                                                  streamer=name == "streamer")
@@ -361,3 +366,23 @@ def _check_streamer(model: nn.Module, ids: torch.Tensor, sinks: int, window: int
             want = float(-torch.log_softmax(ref, -1)[ids[0, t + 1]])
             errors[f"token {t + 1}"] = abs(stats[t + 1].nll - want) / max(1.0, abs(want))
     return _result(errors, TOLERANCE["streamer"], "NLL from fresh forwards over the kept tokens")
+
+
+def _check_onepass(model: nn.Module, scheme: AttentionScheme, sinks: int, window: int,
+                   ids: torch.Tensor) -> CheckResult:
+    from .models import LoadedModel, spec_from_model
+    from .streaming import Streamer
+    from .streaming.onepass import onepass_nll
+
+    tok = _IdsTokenizer(ids)
+    lm = LoadedModel(model, tok, spec_from_model(model, tok, "check", "check"))
+    # A window longer than a sliding layer's, chunks shorter than it: tails cross chunks, local layers evict.
+    window = max(window, *[ly.window + 2 for ly in scheme.layers if ly.kind == "sliding" and ly.window], 0)
+    chunk = max(2, window // 2 - 1)
+    got = onepass_nll(model, ids[0], sinks, window, chunk=chunk)
+    ref = [t.nll for t in Streamer(lm, sinks=sinks, window=window).feed(ids[0].tolist(), chunk=1)]
+    errors = {f"token {t}": abs(got[t] - ref[t]) / max(1.0, abs(ref[t])) for t in range(1, len(ref))}
+    if len(ref) <= sinks + window:
+        return CheckResult(SKIPPED, detail=f"the prompt ({len(ref)} tokens) is shorter than the cache")
+    return _result(errors, TOLERANCE["onepass"], f"token-by-token SinkCache streaming (S={sinks}, W={window}, "
+                                                 f"chunks of {chunk})")

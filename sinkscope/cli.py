@@ -17,8 +17,8 @@ if TYPE_CHECKING:
     from .models import LoadedModel
     from .streaming.streamer import TokenStats
 
-EVAL_TOKENS = 2000  # eval-stream: ~14 min for SmolLM2 on 2 CPU cores (timings in docs/cli.md)
-VALIDATE_TOKENS = 1000  # report --validate: streaming + dense only, ~5 min for SmolLM2 on 2 CPU cores
+EVAL_TOKENS = 4000  # eval-stream: about 3 min for SmolLM2 on 2 CPU cores, recompute included (docs/cli.md)
+VALIDATE_TOKENS = 2000  # report's validation: streaming + dense only, under a minute for SmolLM2 on 2 CPU cores
 EPILOG = "Docs: docs/cli.md. Models: `sinkscope models`. Cache: $SINKSCOPE_CACHE (default ~/.cache/sinkscope)."
 
 
@@ -78,14 +78,23 @@ def _tolerance(text: str) -> float:
     return value
 
 
-def _check_stream_sizes(sinks: Sequence[int], window: int, tokens: int | None) -> None:
+def _check_stream_sizes(sinks: Sequence[int], window: int | Sequence[int], tokens: int | None) -> None:
     """The checks that need no model (the library repeats them with the model's context)."""
     if min(sinks) < 0:
         raise ConfigError(f"--sinks must be >= 0, got {min(sinks)}")
-    if window < 1:
-        raise ConfigError(f"--window must be at least 1, got {window}")
+    if min([window] if isinstance(window, int) else window) < 1:
+        raise ConfigError(f"--window must be at least 1, got {window if isinstance(window, int) else min(window)}")
     if tokens is not None and tokens < 1:
         raise ConfigError(f"--tokens must be at least 1, got {tokens}")
+
+
+def _windows(args: argparse.Namespace, default: int = 256) -> int | list[int]:
+    """``--window W`` or ``--windows W,W,...`` (a grid), not both."""
+    if args.windows is not None and args.window is not None:
+        raise ConfigError("give --window W or --windows W,W,... (a grid), not both")
+    if args.windows is not None:
+        return args.windows
+    return args.window if args.window is not None else default
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -156,17 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("--threshold", type=_share, default=0.3,
                        help="first-token mass above which a head is a sink head (default: 0.3)")
     val = p_rep.add_argument_group(
-        "validation by streaming (--validate)",
-        "Check the recommendation with perplexity under eviction (see `sinkscope eval-stream`): recommend the "
-        "smallest sink count whose streaming perplexity is within --tolerance of the best; the attention "
-        "estimate stays beside it.")
-    val.add_argument("--validate", action="store_true",
-                     help="run the streaming evaluation and recommend from it (slower: minutes on a CPU)")
+        "validation by streaming (on by default; --no-validate skips it)",
+        "Check the recommendation with perplexity under eviction (see `sinkscope eval-stream`, one pass per sink "
+        "count): recommend the smallest sink count whose streaming perplexity is within --tolerance of the best; "
+        "the attention estimate stays beside it.")
+    val.add_argument("--validate", action=argparse.BooleanOptionalAction, default=None,
+                     help="run the streaming evaluation and recommend from it (default: on where it can run, "
+                          "else a note says why not; --validate: an error then; --no-validate: the attention "
+                          "estimate alone)")
     val.add_argument("--validate-tokens", type=int, default=None, metavar="N",
                      help=f"tokens of the validation text to stream (default: {VALIDATE_TOKENS})")
     val.add_argument("--validate-text", default=None, metavar="F",
                      help="UTF-8 text to stream (default: Python's documentation topics, pydoc_data.topics)")
     val.add_argument("--window", type=int, default=None, metavar="W", help="recent tokens kept (default: 256)")
+    val.add_argument("--windows", type=_int_list, default=None, metavar="W,W,...",
+                     help="a grid of windows: the count must qualify at each (instead of --window)")
     val.add_argument("--sinks", type=_int_list, default=None, metavar="S,S,...",
                      help="sink counts to stream with (default: 0,1,2,4,8 and the attention estimate)")
     val.add_argument("--tolerance", type=_tolerance, default=None,
@@ -204,25 +217,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     p_ev = sub.add_parser(
         "eval-stream", help="perplexity of a long text under each sink count, beside dense and recompute",
-        description="Stream a long text token by token through a sink + window cache for each sink count, and "
-                    "score the same target tokens with dense attention (full cache) and with a sliding window "
-                    "re-computed for every token (Xiao et al. 2023, Table 1). Writes DIR/stream_eval.json and "
-                    "DIR/stream_eval.html (self-contained) and recommends the smallest sink count within "
-                    "--tolerance of the best perplexity.", epilog=EPILOG)
+        description="Score a long text as if streamed token by token through a sink + window cache, for each "
+                    "sink count (and each window of a grid), beside dense attention (full cache) and a sliding "
+                    "window re-computed for every token (Xiao et al. 2023, Table 1). Streaming runs in one pass "
+                    "per cache (the same numbers as token by token; --exact-stream feeds token by token). Writes "
+                    "DIR/stream_eval.json and DIR/stream_eval.html (self-contained) and recommends the smallest "
+                    "sink count within --tolerance of the best perplexity.", epilog=EPILOG)
     p_ev.add_argument("model", nargs="?", default="smollm2-135m", help="model source (default: smollm2-135m)")
     p_ev.add_argument("--text-file", metavar="F",
                       help="UTF-8 text to stream (default: Python's documentation topics, pydoc_data.topics)")
     p_ev.add_argument("--sinks", type=_int_list, default=[0, 1, 2, 4, 8], metavar="S,S,...",
                       help="sink counts to stream with (default: 0,1,2,4,8)")
-    p_ev.add_argument("--window", type=int, default=256, metavar="W",
+    p_ev.add_argument("--window", type=int, default=None, metavar="W",
                       help="recent tokens each query attends to; also recompute's window (default: 256)")
+    p_ev.add_argument("--windows", type=_int_list, default=None, metavar="W,W,...",
+                      help="a grid: every sink count at every window on the same targets, with a heatmap and the "
+                           "cheapest cache within --tolerance of dense (recompute runs at the largest)")
     p_ev.add_argument("--tokens", type=int, default=EVAL_TOKENS, metavar="N",
                       help=f"stream the text's first N tokens (default: {EVAL_TOKENS})")
     p_ev.add_argument("--modes", type=_modes, default=["streaming", "dense", "recompute"], metavar="M,M",
                       help="any of streaming, dense, recompute (default: all three)")
-    p_ev.add_argument("--chunk", type=_positive_int, default=1, metavar="C",
-                      help="streaming tokens per forward: 1 is exact; more is faster and approximate, labelled "
-                           "so in the JSON (default: 1)")
+    p_ev.add_argument("--exact-stream", action="store_true",
+                      help="feed the text token by token through SinkCache instead of one pass: the same numbers, "
+                           "hundreds of times slower (the reference the fast path is tested against)")
     p_ev.add_argument("--recompute-stride", type=_stride, default="auto", metavar="K",
                       help="recompute every K-th target only (every mode also reports its perplexity on those "
                            "targets); 'auto' bounds recompute to a couple of hundred targets (default: auto)")
@@ -320,13 +337,18 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and args.max_tokens < args.k_max + 1:
         raise ConfigError(f"--max-tokens must be at least K + 1 = {args.k_max + 1}, got {args.max_tokens}")
     validation = {"--validate-tokens": args.validate_tokens, "--validate-text": args.validate_text,
-                  "--window": args.window, "--sinks": args.sinks, "--tolerance": args.tolerance}
+                  "--window": args.window, "--windows": args.windows, "--sinks": args.sinks,
+                  "--tolerance": args.tolerance}
     given = [k for k, v in validation.items() if v is not None]
-    if given and not args.validate:
-        raise ConfigError(f"{', '.join(given)} {'needs' if len(given) == 1 else 'need'} --validate")
-    window = args.window if args.window is not None else 256
+    if given and args.validate is False:
+        raise ConfigError(f"{', '.join(given)} {'sets' if len(given) == 1 else 'set'} the validation, which "
+                          "--no-validate skips: drop one or the other")
+    window = _windows(args)
     tokens = args.validate_tokens if args.validate_tokens is not None else VALIDATE_TOKENS
-    if args.validate:
+    # Asked for (--validate or one of its options): what stops it is an error. By default: a note.
+    required = args.validate is True or bool(given)
+    validate = args.validate is not False
+    if validate:
         _check_stream_sizes(args.sinks or [0], window, tokens)
     prompts = [read_prompt_file(f) for f in args.prompt_file] if args.prompt_file else []
     if args.long_prompt:
@@ -342,15 +364,26 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     lm = _load(args.model, args, progress=not args.quiet)
     modes = ("streaming", "dense")
-    if args.validate:  # refuse bad sizes, short texts and unsupported architectures before the analysis
+    if validate:  # refuse bad sizes, short texts and unsupported architectures before the analysis
         from .streaming.evaluate import DEFAULT_SINKS, prepare_stream_eval
 
-        prepare_stream_eval(lm, text, sinks=args.sinks or (*DEFAULT_SINKS, args.k_max), window=window,
-                            tokens=tokens, modes=modes)
+        try:
+            plan = prepare_stream_eval(lm, text, sinks=args.sinks or (*DEFAULT_SINKS, args.k_max), window=window,
+                                       tokens=tokens, modes=modes)
+        except SinkscopeError as exc:
+            if required:
+                raise
+            validate = False
+            print(f"note: no validation by streaming ({exc}); the recommendation is the attention estimate "
+                  "(--no-validate skips this check)", file=sys.stderr)
+        else:
+            if plan.onepass_fallback:
+                print(f"note: one pass can't serve {lm.spec.name} ({plan.onepass_fallback}); validating token by "
+                      "token (exact, slower)", file=sys.stderr)
     profile = analyze(lm, prompts, k_max=args.k_max, max_tokens=args.max_tokens, layers=args.layers,
                       map_size=args.map_size, share=args.share, threshold=args.threshold, mode=args.mode,
                       progress=not args.quiet)
-    if args.validate:
+    if validate:
         profile.validate(lm, text, sinks=args.sinks, window=window, tokens=tokens, modes=modes,
                          tolerance=args.tolerance if args.tolerance is not None else 0.05, progress=not args.quiet)
     paths = write_report(profile, out)
@@ -367,6 +400,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _print_stream_eval(profile.stream_eval)
         print(f"attention estimate: {est.sinks} sinks  ({est.method})")
     print(f"recommended sinks: {rec.sinks}  ({rec.method})")
+    _print_cheapest(rec)
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0
@@ -437,7 +471,8 @@ def cmd_eval_stream(args: argparse.Namespace) -> int:
     from .prompts import read_prompt_file
     from .report import check_output_dir
 
-    _check_stream_sizes(args.sinks, args.window, args.tokens)
+    window = _windows(args)
+    _check_stream_sizes(args.sinks, window, args.tokens)
     text = read_prompt_file(args.text_file) if args.text_file else None
     out = Path(args.out) if args.out else Path("sinkscope-reports") / _safe_name(args.model)
     out = check_output_dir(out)
@@ -447,8 +482,12 @@ def cmd_eval_stream(args: argparse.Namespace) -> int:
     from .streaming.evaluate import prepare_stream_eval
 
     lm = _load(args.model, args, progress=not args.quiet)
-    plan = prepare_stream_eval(lm, text, sinks=args.sinks, window=args.window, tokens=args.tokens,
-                               modes=args.modes, chunk=args.chunk, recompute_stride=args.recompute_stride)
+    plan = prepare_stream_eval(lm, text, sinks=args.sinks, window=window, tokens=args.tokens,
+                               modes=args.modes, exact_stream=args.exact_stream,
+                               recompute_stride=args.recompute_stride)
+    if plan.onepass_fallback and "streaming" in plan.modes:
+        print(f"note: one pass can't serve {lm.spec.name} ({plan.onepass_fallback}); streaming it token by token "
+              "(exact, slower)", file=sys.stderr)
     if len(plan.ids) < args.tokens:
         print(f"note: the text has {len(plan.ids)} tokens, fewer than --tokens {args.tokens}; streaming all of them",
               file=sys.stderr)
@@ -458,28 +497,49 @@ def cmd_eval_stream(args: argparse.Namespace) -> int:
     _print_stream_eval(ev.to_dict(include_nll=False))
     if rec is not None:
         print(f"recommended sinks: {rec.sinks}  ({rec.method})")
+        _print_cheapest(rec)
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0
 
 
+def _print_cheapest(rec: object) -> None:
+    ev = getattr(rec, "evidence", {})
+    if "cheapest_cache" not in ev:
+        return
+    c = ev["cheapest_cache"]
+    tol = ev.get("tolerance", 0.05)
+    if c is None:
+        print(f"cheapest cache within {tol:.0%} of dense: none of the grid")
+    else:
+        print(f"cheapest cache within {tol:.0%} of dense ({_fmt(c['dense_ppl'])}): {c['sinks']} sinks + window "
+              f"{c['window']} = {c['cache_budget']} tokens, perplexity {_fmt(c['ppl'])}")
+
+
 def _print_stream_eval(ev: dict) -> None:
     t = ev["targets"]
-    print(f"{ev['model']['name']} · {ev['text']['name']}, {ev['tokens']} tokens · window {ev['window']} · "
-          f"{t['count']} scored tokens (positions {t['first']}..{t['last']}), the same in every mode")
+    windows = ev.get("windows") or [ev["window"]]
+    win = f"windows {','.join(map(str, windows))}" if len(windows) > 1 else f"window {ev['window']}"
+    settings = ev.get("settings") or {}
+    print(f"{ev['model']['name']} · {ev['text']['name']}, {ev['tokens']} tokens · {win} · "
+          f"{t['count']} scored tokens (positions {t['first']}..{t['last']}), the same in every mode · streaming "
+          f"{settings.get('streaming', 'token by token')}")
+    if settings.get("onepass_fallback"):
+        print(f"  (token by token: one pass can't serve this model: {settings['onepass_fallback']})")
     stride = (ev.get("recompute_targets") or {}).get("stride", 1)
     sub = stride > 1
-    print(f"  {'mode':<10} {'sinks':>5} {'ppl':>9}" + (f" {'ppl on 1 in ' + str(stride):>14}" if sub else "")
-          + f" {'tok/s':>8}  note")
+    grid = len(windows) > 1
+    print(f"  {'mode':<10} {'sinks':>5}" + (f" {'window':>6}" if grid else "") + f" {'ppl':>9}"
+          + (f" {'ppl on 1 in ' + str(stride):>14}" if sub else "") + f" {'tok/s':>8}  note")
     for r in ev["results"]:
         ppl = r.get("ppl")
         sub_ppl = r.get("ppl_on_recompute_targets")
         rate = r.get("tokens_per_s") or r.get("targets_per_s")
-        notes = [n for n, on in (("approximate (chunked)", r.get("exact") is False),
-                                 ("beyond the trained context", r.get("beyond_context")),
+        notes = [n for n, on in (("beyond the trained context", r.get("beyond_context")),
                                  (f"{r.get('n_targets')} targets", r.get("mode") == "recompute" and sub)) if on]
-        print(f"  {r['mode']:<10} {r.get('sinks', '-')!s:>5} {_fmt(ppl):>9}"
-              + (f" {_fmt(sub_ppl):>14}" if sub else "") + f" {_fmt(rate, 1):>8}  {'; '.join(notes)}")
+        print(f"  {r['mode']:<10} {r.get('sinks', '-')!s:>5}" + (f" {r.get('window', '-')!s:>6}" if grid else "")
+              + f" {_fmt(ppl):>9}" + (f" {_fmt(sub_ppl):>14}" if sub else "") + f" {_fmt(rate, 1):>8}  "
+              f"{'; '.join(notes)}")
 
 
 def _fmt(v: object, digits: int = 3) -> str:

@@ -343,7 +343,7 @@ def _stream_dict(stream_eval: Any) -> dict[str, Any]:
     """A ``StreamEval`` or its ``to_dict()`` as the dict (the JSON document)."""
     d = stream_eval.to_dict() if hasattr(stream_eval, "to_dict") else stream_eval
     if not isinstance(d, dict) or not isinstance(d.get("results"), list):
-        raise ConfigError("not a stream evaluation (expected a StreamEval or a sinkscope.stream_eval/1 dict)")
+        raise ConfigError("not a stream evaluation (expected a StreamEval or a sinkscope.stream_eval dict)")
     return d
 
 
@@ -372,19 +372,28 @@ def stream_ppl_by_sinks(stream_eval: Any, recommendation: Any = None) -> go.Figu
     """
     d = _stream_dict(stream_eval)
     results = [r for r in d["results"] if isinstance(r, dict)]
-    streaming = sorted((r for r in results if r.get("mode") == "streaming" and isinstance(r.get("sinks"), int)),
-                       key=lambda r: r["sinks"])
+    window = d.get("window")
+    every = sorted((r for r in results if r.get("mode") == "streaming" and isinstance(r.get("sinks"), int)),
+                   key=lambda r: r["sinks"])
+    # A grid draws one line per window; the main window (recompute's, the recommendation's) is the bold one.
+    streaming = [r for r in every if r.get("window", window) == window]
     xs = [r["sinks"] for r in streaming]
     ys = [r["ppl"] if _finite(r.get("ppl")) else None for r in streaming]
-    window = d.get("window")
     fig = go.Figure()
-    exact = all(r.get("exact", True) for r in streaming)
-    approx = "" if exact else f" (approximate: {streaming[0].get('chunk')} tokens per forward)" if streaming else ""
+    others = sorted({r.get("window") for r in every} - {window, None})
+    shades = _stream_colors(others)
+    for w in others:
+        line = [r for r in every if r.get("window") == w]
+        fig.add_trace(go.Scatter(
+            x=[r["sinks"] for r in line], y=[r["ppl"] if _finite(r.get("ppl")) else None for r in line],
+            mode="lines+markers", line=dict(width=1.5, color=shades[w]), marker=dict(size=6),
+            name=f"streaming, window {w}",
+            hovertemplate=f"S = %{{x}} sinks, window {w}<br>perplexity %{{y:.3f}}<extra></extra>"))
     if streaming:
         fig.add_trace(go.Scatter(
             x=xs, y=ys, mode="lines+markers+text", text=[f"{y:.2f}" if y is not None else "" for y in ys],
             textposition="top center", line=dict(width=3, color=SINK_COLOR), marker=dict(size=9),
-            name=f"streaming: S sinks + window {window}{approx}",
+            name=f"streaming: S sinks + window {window}",
             customdata=[[r.get("cache_budget", ""), r.get("n_targets", "")] for r in streaming],
             hovertemplate="S = %{x} sinks<br>perplexity %{y:.3f}<br>cache %{customdata[0]} tokens"
                           "<br>%{customdata[1]} scored tokens<extra></extra>"))
@@ -423,15 +432,50 @@ def stream_ppl_by_sinks(stream_eval: Any, recommendation: Any = None) -> go.Figu
             fig.add_vline(x=rec["sinks"], line=dict(color=STREAM_COLOR, width=2),
                           annotation=dict(text=f"recommended: {rec['sinks']}", font=dict(color=STREAM_COLOR)),
                           annotation_position="top right")
-    finite = [y for y in ys if y is not None] + [y for y, *_ in refs]
+    finite = [r["ppl"] for r in every if _finite(r.get("ppl"))] + [y for y, *_ in refs]
     log = bool(finite) and min(finite) > 0 and max(finite) / min(finite) > 4
     n = (d.get("targets") or {}).get("count", "?")
     _layout(fig, f"Perplexity vs sink count (window {window}, {n} tokens)", 460,
             legend=dict(orientation="h", x=0, y=-0.18, yanchor="top"), margin=dict(l=70, r=30, t=60, b=130))
-    fig.update_xaxes(title_text="sink tokens kept (S)", tickmode="array", tickvals=xs)
+    fig.update_xaxes(title_text="sink tokens kept (S)", tickmode="array", tickvals=sorted({r["sinks"] for r in every}))
     fig.update_yaxes(title_text="perplexity" + (" (log scale)" if log else ""), type="log" if log else "linear")
     if not streaming:
         fig.add_annotation(text="no streaming results", xref="paper", yref="paper", x=0.5, y=0.5, showarrow=False)
+    return fig
+
+
+def stream_ppl_grid(stream_eval: Any, tolerance: float = 0.05) -> go.Figure:
+    """Streaming perplexity for every (sink count, window) of a grid, as a heatmap; cells within ``tolerance``
+    of dense are outlined and the cheapest of them (smallest ``S + W``) is marked."""
+    d = _stream_dict(stream_eval)
+    cells = {(r["sinks"], r.get("window", d.get("window"))): r.get("ppl") for r in d["results"]
+             if isinstance(r, dict) and r.get("mode") == "streaming" and isinstance(r.get("sinks"), int)}
+    sinks = sorted({s for s, _ in cells})
+    windows = sorted({w for _, w in cells})
+    z = [[cells.get((s, w)) if _finite(cells.get((s, w))) else None for w in windows] for s in sinks]
+    dense = next((r.get("ppl") for r in d["results"] if isinstance(r, dict) and r.get("mode") == "dense"), None)
+    text = [[f"{v:.2f}" if v is not None else "" for v in row] for row in z]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[str(w) for w in windows], y=[str(s) for s in sinks], text=text, texttemplate="%{text}",
+        colorscale="Viridis", reversescale=True, colorbar=dict(title="perplexity"),
+        hovertemplate="S = %{y} sinks, window %{x}<br>perplexity %{z:.3f}<extra></extra>"))
+    title = "Streaming perplexity, sinks x window"
+    if _finite(dense):
+        limit = (1 + tolerance) * dense
+        ok = [(s + w, s, w) for (s, w), v in cells.items() if _finite(v) and v <= limit]
+        for _, s, w in ok:
+            fig.add_shape(type="rect", x0=windows.index(w) - 0.5, x1=windows.index(w) + 0.5, y0=sinks.index(s) - 0.5,
+                          y1=sinks.index(s) + 0.5, line=dict(color=DENSE_COLOR, width=1.5))
+        if ok:
+            _, s, w = min(ok)
+            fig.add_annotation(x=str(w), y=str(s), text="cheapest", showarrow=True, arrowhead=2, ax=0, ay=-28,
+                               font=dict(color=DENSE_COLOR))
+            title += f" — cheapest within {tolerance:.0%} of dense ({dense:.2f}): {s} sinks + window {w}"
+        else:
+            title += f" — none within {tolerance:.0%} of dense ({dense:.2f})"
+    _layout(fig, label_text(title), 120 + 48 * max(3, len(sinks)), margin=dict(l=70, r=30, t=60, b=55))
+    fig.update_xaxes(title_text="window (W)", type="category")
+    fig.update_yaxes(title_text="sink tokens (S)", type="category")
     return fig
 
 
@@ -444,7 +488,10 @@ def stream_rolling_nll(stream_eval: Any, span: int = 64) -> go.Figure:
     if not isinstance(span, int) or span < 1:
         raise ConfigError(f"span must be a whole number >= 1, got {span!r}")
     d = _stream_dict(stream_eval)
-    results = [r for r in d["results"] if isinstance(r, dict)]
+    window = d.get("window")
+    # In a grid, the main window's streaming lines (the heatmap shows the others).
+    results = [r for r in d["results"] if isinstance(r, dict)
+               and (r.get("mode") != "streaming" or r.get("window", window) == window)]
     sinks = sorted(r["sinks"] for r in results if r.get("mode") == "streaming" and isinstance(r.get("sinks"), int))
     colors = _stream_colors(sinks)
     fig = go.Figure()

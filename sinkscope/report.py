@@ -483,7 +483,7 @@ def _stream_eval_html(profile: SinkProfile) -> str:
 
 
 _STREAM_COLUMNS = ("mode", "sinks", "window", "cache_budget", "ppl", "ppl_on_recompute_targets", "mean_nll",
-                   "n_targets", "exact", "chunk", "stride", "beyond_context", "seconds")
+                   "n_targets", "streamed", "stride", "beyond_context", "seconds")
 
 
 def _stream_eval_body(ev: Any, recommendation: Recommendation | None, prefix: str) -> str:
@@ -495,7 +495,8 @@ def _stream_eval_body(ev: Any, recommendation: Recommendation | None, prefix: st
     hl = None
     if recommendation is not None:
         hl = next((i for i, r in enumerate(results)
-                   if r.get("mode") == "streaming" and r.get("sinks") == recommendation.sinks), None)
+                   if r.get("mode") == "streaming" and r.get("sinks") == recommendation.sinks
+                   and r.get("window", ev.get("window")) == ev.get("window")), None)
     table = _html_table([_esc(k.replace("_", " ")) for k in keys],
                         [[_esc(_num(r.get(k, ""))) for k in keys] for r in results], cls="numeric", highlight=hl)
     methods: dict[str, str] = {}  # one line per mode (the streaming ones differ only in S)
@@ -508,15 +509,20 @@ def _stream_eval_body(ev: Any, recommendation: Recommendation | None, prefix: st
     rt = ev.get("recompute_targets") or {}
     sub = (f" Recompute scored one target in {rt.get('stride')} ({rt.get('count')} tokens); <i>ppl on recompute "
            f"targets</i> gives every mode's perplexity on exactly those." if (rt.get("stride") or 1) > 1 else "")
+    windows = ev.get("windows") or [ev.get("window")]
+    win = (f"windows {_esc(', '.join(map(str, windows)))} (recompute and the bold line at {_esc(ev.get('window'))})"
+           if len(windows) > 1 else f"window {_esc(ev.get('window'))}")
     note = (f'<p class="note">Text <code>{_esc(text.get("name"))}</code>, first {_esc(ev.get("tokens"))} tokens, '
-            f"window {_esc(ev.get('window'))}. Every mode is scored on the same {_esc(t.get('count'))} target tokens "
+            f"{win}. Every mode is scored on the same {_esc(t.get('count'))} target tokens "
             f"(positions {_esc(t.get('first'))} to {_esc(t.get('last'))}: from the largest sink count plus the "
             f"window on); perplexity = exp(mean NLL).{sub}</p>")
     figs = ""
     try:
         figs = ('<div class="grid">'
                 f"<div>{_fig_html(plots.stream_ppl_by_sinks(ev, recommendation), f'fig-{prefix}-stream-ppl')}</div>"
-                f"<div>{_fig_html(plots.stream_rolling_nll(ev), f'fig-{prefix}-stream-nll')}</div></div>")
+                f"<div>{_fig_html(plots.stream_rolling_nll(ev), f'fig-{prefix}-stream-nll')}</div>"
+                + (f"<div>{_fig_html(plots.stream_ppl_grid(ev), f'fig-{prefix}-stream-grid')}</div>"
+                   if len(windows) > 1 else "") + "</div>")
     except (KeyError, TypeError, ValueError):  # a hand-made or older document: the table is still shown
         figs = ""
     return note + figs + f'<div class="scroll">{table}</div><ul class="note">{method_html}</ul>'

@@ -81,9 +81,9 @@ def build_llama(seed: int = 0, **overrides):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(char_vocab()), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      **{**_token_ids(), **overrides})
+    cfg = LlamaConfig(**{"vocab_size": len(char_vocab()), "hidden_size": 32, "intermediate_size": 64,
+                         "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2,
+                         "max_position_embeddings": 256, **_token_ids(), **overrides})
     return LlamaForCausalLM(cfg).eval()
 
 

@@ -33,7 +33,13 @@ def prompt_file(tmp_path):
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
-    rc = main(["report", *argv, "--quiet"] if argv and argv[0] != "models" else list(argv))
+    """``sinkscope report ARGV --quiet`` (``models ...`` as given); without validation unless a test asks for it
+    (tests/test_stream_eval.py covers it)."""
+    report = not argv or argv[0] != "models"
+    validation = report and any(a.startswith(("--validate", "--no-validate", "--window", "--sinks", "--tolerance"))
+                                for a in argv)
+    extra = [] if not report or validation or "--help" in argv else ["--no-validate"]
+    rc = main(["report", *argv, *extra, "--quiet"] if report else list(argv))
     out, err = capsys.readouterr()
     return rc, out, err
 

@@ -24,6 +24,7 @@ from conftest import (
     PAD_ID,
     REPO_ROOT,
     build_gpt2,
+    build_llama,
     char_vocab,
     loaded,
     saved_model_dir,
@@ -73,6 +74,14 @@ def fresh_nll(lm, ids: list[int], context: list[int], target: int) -> float:
     x = torch.tensor([[ids[i] for i in context]])
     logits = lm.model(input_ids=x, position_ids=torch.arange(len(context))[None], use_cache=False).logits[0, -1]
     return float(-torch.log_softmax(logits.float(), -1)[ids[target]])
+
+
+@pytest.fixture(scope="module")
+def tiny_falcon_alibi(tok_nobos):
+    """LoadedModel: Falcon with ALiBi, loaded eager (its attention code bypasses the attention interface)."""
+    from families import build
+
+    return loaded(build("falcon_alibi", attn="eager"), tok_nobos, "tiny-falcon-alibi")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -185,17 +194,55 @@ def test_streaming_equals_independent_reference(one_layer, sinks: int) -> None:
         assert got[t] == pytest.approx(fresh_nll(one_layer, ids, context, t), abs=1e-4)
 
 
-def test_chunked_mode_is_labelled(tiny_llama) -> None:
-    ev = evaluate_stream(tiny_llama, TEXT, sinks=SINKS, window=W, modes=("streaming",), chunk=5, progress=False)
+def test_one_pass_is_the_default_and_equals_exact_stream(tiny_llama) -> None:
+    fast = evaluate_stream(tiny_llama, TEXT, sinks=SINKS, window=W, modes=("streaming",), progress=False)
+    slow = evaluate_stream(tiny_llama, TEXT, sinks=SINKS, window=W, modes=("streaming",), exact_stream=True,
+                           progress=False)
+    assert fast.settings["streaming"] == "one pass" and slow.settings["streaming"] == "token by token"
+    for s in SINKS:
+        a, b = fast.result("streaming", s), slow.result("streaming", s)
+        assert a.info["streamed"] == "one pass" and "one pass" in a.info["method"]
+        assert b.info["streamed"] == "token by token" and "one token per forward" in b.info["method"]
+        assert a.info["exact"] is True and b.info["exact"] is True
+        np.testing.assert_allclose(a.nll, b.nll, atol=1e-4)
+    assert "onepass_fallback" not in fast.settings
+
+
+def test_models_one_pass_cant_serve_stream_token_by_token(tiny_falcon_alibi) -> None:
+    """ALiBi Falcon's attention bypasses the attention interface: streamed token by token, and it says so."""
+    ev = evaluate_stream(tiny_falcon_alibi, list(range(4, 64)), sinks=(0, 2), window=8, modes=("streaming",),
+                         progress=False)
+    assert ev.settings["streaming"] == "token by token"
+    assert "attention interface" in ev.settings["onepass_fallback"]
+    ref = streaming_nll(tiny_falcon_alibi, list(range(4, 64)), 2, 8)
+    np.testing.assert_allclose(ev.result("streaming", 2).nll, ref[ev.targets], atol=1e-6)
+
+
+def test_window_grid(tiny_llama) -> None:
+    ev = evaluate_stream(tiny_llama, TEXT, sinks=(0, 2), window=[16, 8, 16], modes=("streaming", "dense"),
+                         progress=False)
+    assert ev.windows == (8, 16) and ev.window == 16
+    assert ev.targets[0] == 2 + 16  # the same targets for every cell: from max(sinks) + max(windows)
+    assert set(ev.ppl_grid) == {(0, 8), (2, 8), (0, 16), (2, 16)}
+    assert ev.ppl_by_sinks == {0: ev.ppl_grid[(0, 16)], 2: ev.ppl_grid[(2, 16)]}
+    ids = ids_of(tiny_llama)
+    for (s, w), ppl in ev.ppl_grid.items():  # each cell is that cache streamed on its own, on the common targets
+        ref = streaming_nll(tiny_llama, ids, s, w)[ev.targets]
+        assert ppl == pytest.approx(math.exp(ref.mean()), rel=1e-4)
+        assert ev.result("streaming", s, window=w).cache_budget == s + w
+    dense = ev.result("dense").ppl
+    cheap = ev.cheapest(tolerance=10.0)
+    assert cheap is not None and (cheap.sinks, cheap.window) == (0, 8)  # everything qualifies: the smallest cache
+    strict = ev.cheapest(tolerance=0.0)
+    assert strict is None or strict.ppl <= dense
     d = ev.to_dict()
-    assert d["settings"]["exact"] is False and d["settings"]["chunk"] == 5
-    for r in d["results"]:
-        assert r["exact"] is False and r["chunk"] == 5 and "approximate" in r["method"]
-        assert math.isfinite(r["ppl"])
-    exact = evaluate_stream(tiny_llama, TEXT, sinks=(0,), window=W, modes=("streaming",), progress=False)
-    assert exact.to_dict()["results"][0]["exact"] is True
-    # the exact run's targets start 2 earlier (its largest sink count is 0, not 2)
-    assert not np.allclose(exact.result("streaming", 0).nll[2:], ev.result("streaming", 0).nll)
+    assert d["windows"] == [8, 16] and {r.get("window") for r in d["results"] if r["mode"] == "streaming"} == {8, 16}
+    rec = recommend_from_stream_eval(ev, tolerance=10.0)
+    assert [g["window"] for g in rec.evidence["grid"]] == [8, 16]
+    assert rec.evidence["cheapest_cache"]["cache_budget"] == 8
+    fig = plots.stream_ppl_grid(ev)
+    assert isinstance(fig, go.Figure) and np.array(fig.data[0].z, dtype=float).shape == (2, 2)
+    assert "cheapest" in fig.layout.title.text
 
 
 # ---------------------------------------------------------------------------------------------- recompute
@@ -260,7 +307,7 @@ def test_recompute_stride_auto(tiny_llama, monkeypatch) -> None:
 
 def test_to_dict_schema_and_json_round_trip(ev: StreamEval) -> None:
     d = ev.to_dict()
-    assert d["schema"] == "sinkscope.stream_eval/1" == se.SCHEMA
+    assert d["schema"] == "sinkscope.stream_eval/2" == se.SCHEMA
     assert set(d["model"]) >= MODEL_KEYS and d["model"]["name"] == "tiny-llama"
     assert d["text"]["name"] == "text" and d["text"]["n_tokens"] == ev.n_tokens
     assert d["window"] == W and d["tokens"] == ev.n_tokens and d["sinks"] == list(SINKS)
@@ -314,8 +361,8 @@ def test_token_ids_are_accepted(tiny_llama) -> None:
     ({"window": 150}, PromptError, "needs at least"),
     ({"tokens": 40}, PromptError, "--tokens 40"),
     ({"modes": ("streaming", "sparse")}, ConfigError, "sparse"),
-    ({"chunk": 0}, ConfigError, "chunk"),
-    ({"window": 200, "chunk": 100}, ConfigError, "--chunk"),
+    ({"window": [8, 0]}, ConfigError, "windows"),
+    ({"window": [8, 150]}, PromptError, "needs at least"),
     ({"recompute_stride": 0}, ConfigError, "stride"),
 ])
 def test_bad_input(tiny_llama, kwargs, error, needle) -> None:
@@ -596,13 +643,55 @@ def test_cli_report_validate(capsys, llama_dir, text_file, tmp_path) -> None:
     assert "fig-report-stream-ppl" in page
 
 
+def test_cli_report_validates_by_default(capsys, tmp_path_factory, text_file, tmp_path) -> None:
+    """No flag: the report validates (one pass, default text and sizes) and recommends from it."""
+    d = saved_model_dir(tmp_path_factory, "llama-1k", build_llama(max_position_embeddings=1024), add_bos=True)
+    rc, stdout, err = cli(capsys, "report", str(d), "--prompt-file", str(text_file), "--k-max", "4",
+                          "--out", str(tmp_path / "r"))
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    ev = doc["stream_eval"]
+    assert ev["window"] == 256 and ev["tokens"] == 2000 and ev["settings"]["streaming"] == "one pass"
+    assert doc["recommendation"]["method"].startswith("stream eval")
+    assert "recommended sinks" in stdout and "note:" not in err
+
+
+def test_cli_report_notes_a_validation_that_cant_run(capsys, llama_dir, text_file, tmp_path) -> None:
+    """By default, a validation that can't run (here: 256 + 8 positions on a 256-position model) is a note and
+    the attention estimate stands; asked for with --validate, the same is an error."""
+    rc, stdout, err = cli(capsys, "report", str(llama_dir), "--prompt-file", str(text_file), "--k-max", "4",
+                          "--out", str(tmp_path / "r"))
+    assert rc == 0, err
+    assert "note: no validation by streaming" in err and "context of 256" in err
+    doc = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert doc["stream_eval"] is None and doc["recommendation"]["method"].startswith("attention")
+    rc, _, err = cli(capsys, "report", str(llama_dir), "--prompt-file", str(text_file), "--k-max", "4",
+                     "--validate", "--out", str(tmp_path / "r2"))
+    assert_one_line_error(rc, err, "context of 256")
+
+
+def test_cli_eval_stream_grid(capsys, llama_dir, text_file, tmp_path) -> None:
+    out = tmp_path / "grid"
+    rc, stdout, err = cli(capsys, "eval-stream", str(llama_dir), "--text-file", str(text_file), "--sinks", "0,2",
+                          "--windows", "8,16", "--modes", "streaming,dense", "--tolerance", "10", "--out", str(out))
+    assert rc == 0, err
+    doc = json.loads((out / "stream_eval.json").read_text())
+    assert doc["windows"] == [8, 16]
+    assert sorted((r["sinks"], r["window"]) for r in doc["results"] if r["mode"] == "streaming") == [
+        (0, 8), (0, 16), (2, 8), (2, 16)]
+    assert "cheapest cache within 1000% of dense" in stdout and "0 sinks + window 8 = 8 tokens" in stdout
+    assert "fig-stream-stream-grid" in (out / "stream_eval.html").read_text() or \
+        "stream-grid" in (out / "stream_eval.html").read_text()
+
+
 @pytest.mark.parametrize(("args", "needle"), [
-    (["--window", "16"], "--window needs --validate"),
+    (["--no-validate", "--window", "16"], "--no-validate skips"),
+    (["--window", "16", "--windows", "8,16"], "not both"),
     (["--validate", "--window", "0"], "--window must be at least 1"),
     (["--validate", "--validate-tokens", "40", "--window", "32"], "needs at least"),
 ])
 def test_cli_report_validate_bad_input(capsys, llama_dir, text_file, tmp_path, args, needle) -> None:
-    text = ["--validate-text", str(text_file)] if "--validate" in args else []
+    text = ["--validate-text", str(text_file)] if "--no-validate" not in args else []
     rc, _, err = cli(capsys, "report", str(llama_dir), "--prompt-file", str(text_file), "--k-max", "4", *args, *text,
                      "--out", str(tmp_path / "o"))
     assert_one_line_error(rc, err, needle)

@@ -22,14 +22,14 @@ from sinkscope.errors import CaptureError, ConfigError
 from sinkscope.scheme import attention_scheme
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "models.md"
-CACHE = {"cache", "streamer"}
+CACHE = {"cache", "streamer", "onepass"}  # one pass serves what SinkCache serves, through the attention interface
 # family -> the checks it is refused in (everything else must be exact).
 REFUSED_CHECKS: dict[str, set[str]] = {
-    "gptj": {"stats"},  # own attention code, no attention interface
-    "falcon": {"stats"},
-    "falcon_alibi": {"stats"},
-    "mpt": {"stats"},
-    "bloom": {"stats"},
+    "gptj": {"stats", "onepass"},  # own attention code, no attention interface (eval-stream: token by token)
+    "falcon": {"stats", "onepass"},
+    "falcon_alibi": {"stats", "onepass"},
+    "mpt": {"stats", "onepass"},
+    "bloom": {"stats", "onepass"},
     "gpt2": CACHE,  # absolute positions
     "opt": CACHE,
     "gemma3n": CACHE,  # KV sharing
@@ -37,7 +37,7 @@ REFUSED_CHECKS: dict[str, set[str]] = {
     "llama4": CACHE,  # chunked attention, position-scaled queries
 }
 # family -> checks that can't use the generic reference (test_streaming_cache has a hybrid reference).
-SKIPPED_CHECKS: dict[str, set[str]] = {"qwen3_next": CACHE}
+SKIPPED_CHECKS: dict[str, set[str]] = {"qwen3_next": {"cache", "streamer"}}
 # Falcon can't switch to eager after loading; sinkscope.load_model loads it eager, so the matrix does too.
 ATTN = {"falcon": "eager", "falcon_alibi": "eager"}
 

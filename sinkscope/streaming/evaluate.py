@@ -6,28 +6,33 @@ that each mode has evicted (or, for dense, could have evicted) before its first 
 
 Modes
 -----
-``streaming`` (one result per sink count ``S``)
-    A fresh :class:`~sinkscope.streaming.cache.SinkCache` ``(S, W)`` fed through
-    :class:`~sinkscope.streaming.streamer.Streamer`. The first ``S + W`` tokens go in one forward: until the
-    cache first evicts, token-by-token streaming *is* the dense model (every token sees all earlier ones at
-    their own positions), and after that forward the cache holds exactly the state ``S + W`` single-token
-    steps leave (the cache docstring: a first prefill on an empty cache is the dense model, then trimmed).
-    From there the stream goes one token per forward (``chunk=1``, exact StreamingLLM). ``chunk > 1`` is the
-    faster approximate mode: the tokens of a chunk see each other as well as the cache, so a query attends to
-    up to ``S + W + chunk - 1`` keys; each result says ``"exact": false`` and its ``chunk``.
+``streaming`` (one result per sink count ``S`` and window ``W``)
+    StreamingLLM through :class:`~sinkscope.streaming.cache.SinkCache` ``(S, W)``: every token is scored with the
+    context that token-by-token streaming gives it. By default in one pass (:mod:`sinkscope.streaming.onepass`:
+    chunked forwards with the cache's band and sink attention in place of the model's; the same numbers as
+    feeding the tokens one by one, to float32 rounding). ``exact_stream=True`` feeds them one by one through
+    :class:`~sinkscope.streaming.streamer.Streamer` (the first ``S + W`` in one forward: nothing is evicted
+    before); that is the reference the tests hold one pass to, and the fallback for models one pass doesn't
+    serve (their attention bypasses transformers' attention interface: GPT-J, Falcon, MPT, BLOOM), recorded in
+    ``settings["onepass_fallback"]``. Each result says its ``method``.
 ``dense``
     The full cache: the model as trained. Computed in a few chunked forwards over a growing full KV cache,
     which is the same computation as one forward with full causal attention (and as token-by-token feeding
     with a full cache). Past ``max_position_embeddings`` the model is outside its trained range; it is still
     computed and flagged ``"beyond_context": true``.
 ``recompute``
-    Sliding window with re-computation: for each target ``t`` the last ``W`` tokens ``t-W .. t-1`` are encoded
-    from scratch (positions ``0 .. W-1``, no cache, no sinks) and predict token ``t``. That costs one
-    ``W``-token forward per target, so ``recompute_stride=k`` scores every ``k``-th target only; every mode then
-    also reports ``ppl_on_recompute_targets``, its perplexity on exactly that subset.
+    Sliding window with re-computation (at the largest window of a grid): for each target ``t`` the last
+    ``W`` tokens ``t-W .. t-1`` are encoded from scratch (positions ``0 .. W-1``, no cache, no sinks) and
+    predict token ``t``. That costs one ``W``-token forward per target, so ``recompute_stride=k`` scores every
+    ``k``-th target only; every mode then also reports ``ppl_on_recompute_targets``, its perplexity on exactly
+    that subset.
+
+A grid (``window=[64, 128, ...]``) scores every sink count at every window on the same targets (from
+``max(sinks) + max(windows)``); :meth:`StreamEval.cheapest` is the smallest cache within a tolerance of
+dense.
 
 The result is a :class:`StreamEval`; :meth:`StreamEval.to_dict` is the ``stream_eval.json`` document (schema
-``sinkscope.stream_eval/1``, see ``docs/cli.md``), per-target NLLs included (rounded) for the rolling plot.
+``sinkscope.stream_eval/2``, see ``docs/cli.md``), per-target NLLs included (rounded) for the rolling plot.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ from ..errors import ConfigError, PromptError
 from ..models import LoadedModel, ModelSpec
 from ..prompts import LONG_TEXT_NAME, Prompt, long_text
 
-SCHEMA = "sinkscope.stream_eval/1"
+SCHEMA = "sinkscope.stream_eval/2"
 MODES = ("streaming", "dense", "recompute")
 DEFAULT_SINKS = (0, 1, 2, 4, 8)
 DEFAULT_WINDOW = 256
@@ -151,13 +156,15 @@ def dense_nll(lm: LoadedModel, ids: Sequence[int], *, chunk: int | None = None,
     return out
 
 
-def streaming_nll(lm: LoadedModel, ids: Sequence[int], sinks: int, window: int, *, chunk: int = 1,
+def streaming_nll(lm: LoadedModel, ids: Sequence[int], sinks: int, window: int, *,
                   on_forward: Progress | None = None) -> np.ndarray:
-    """NLL of every token streamed through ``SinkCache(sinks, window)``: ``[T]``, ``nan`` at position 0.
+    """NLL of every token streamed token by token through ``SinkCache(sinks, window)``: ``[T]``, ``nan`` at 0.
 
     The first ``sinks + window`` tokens go in one forward (identical to feeding them one by one: nothing is
-    evicted before then), the rest ``chunk`` tokens per forward (1: exact token-by-token streaming).
+    evicted before then), the rest one token per forward: StreamingLLM exactly, and slow (one memory-bound
+    forward per token). :func:`onepass_stream_nll` gives the same numbers in one pass.
     """
+    chunk = 1
     from .streamer import Streamer
 
     ids = list(ids)
@@ -172,6 +179,15 @@ def streaming_nll(lm: LoadedModel, ids: Sequence[int], sinks: int, window: int, 
             if on_forward and ((i + 1) % step == 0 or i == len(part) - 1):
                 on_forward(1)
     return out
+
+
+def onepass_stream_nll(lm: LoadedModel, ids: Sequence[int], sinks: int, window: int, *, chunk: int | None = None,
+                       on_forward: Progress | None = None) -> np.ndarray:
+    """The NLLs of :func:`streaming_nll` in one pass (:func:`sinkscope.streaming.onepass.onepass_nll`), in
+    forwards of ``chunk`` tokens (default: :func:`dense_chunk_size`)."""
+    from .onepass import onepass_nll
+
+    return onepass_nll(lm.model, ids, sinks, window, chunk=chunk or dense_chunk_size(lm), on_forward=on_forward)
 
 
 def recompute_batch_size(window: int) -> int:
@@ -240,6 +256,12 @@ class ModeResult:
     positions: np.ndarray  # target positions scored, ascending
     nll: np.ndarray  # [len(positions)] float64
     info: dict[str, Any] = field(default_factory=dict)
+    window: int | None = None  # streaming and recompute: W
+
+    @property
+    def cache_budget(self) -> int | None:
+        """Streaming: the keys a query sees, ``S + W``."""
+        return self.sinks + self.window if self.mode == "streaming" and self.window is not None else None
 
     @property
     def ppl(self) -> float:
@@ -263,6 +285,8 @@ class ModeResult:
         d: dict[str, Any] = {"mode": self.mode}
         if self.sinks is not None:
             d["sinks"] = self.sinks
+        if self.window is not None:
+            d["window"] = self.window
         d["ppl"] = _json_float(self.ppl)
         d["mean_nll"] = _json_float(float(self.nll.mean()) if self.nll.size else float("nan"))
         d["n_targets"] = len(self.positions)
@@ -285,38 +309,67 @@ class StreamEval:
     text_name: str
     n_tokens: int  # tokens evaluated (the text's first n_tokens)
     available_tokens: int  # tokens in the whole text
-    window: int
+    window: int  # the largest window: recompute's, and the one ppl_by_sinks reads
     sinks: tuple[int, ...]
-    targets: np.ndarray  # positions max(sinks) + window .. n_tokens - 1
+    targets: np.ndarray  # positions max(sinks) + max(windows) .. n_tokens - 1
     recompute_targets: np.ndarray | None  # targets[::stride] when recompute ran
     results: list[ModeResult]
     settings: dict[str, Any]
+    windows: tuple[int, ...] = ()  # every window streamed (a grid when more than one), ascending
 
-    def result(self, mode: str, sinks: int | None = None) -> ModeResult:
-        """The result of ``mode`` (and ``sinks`` for streaming)."""
+    def __post_init__(self) -> None:
+        if not self.windows:
+            self.windows = (self.window,)
+
+    def result(self, mode: str, sinks: int | None = None, window: int | None = None) -> ModeResult:
+        """The result of ``mode`` (and ``sinks`` and ``window`` for streaming; default window: :attr:`window`)."""
+        if mode == "streaming" and window is None:
+            window = self.window
         for r in self.results:
-            if r.mode == mode and (sinks is None or r.sinks == sinks):
+            if r.mode == mode and (sinks is None or r.sinks == sinks) and (
+                    window is None or r.window is None or r.window == window):
                 return r
-        raise ConfigError(f"no {mode} result{f' with {sinks} sinks' if sinks is not None else ''} in this "
-                          f"evaluation; it has {', '.join(r.label for r in self.results)}")
+        what = "".join([f" with {sinks} sinks" if sinks is not None else "",
+                        f" at window {window}" if window is not None and mode == "streaming" else ""])
+        raise ConfigError(f"no {mode} result{what} in this evaluation; it has "
+                          f"{', '.join(sorted({r.label for r in self.results}))}")
 
     @property
     def ppl_by_sinks(self) -> dict[int, float]:
-        """Streaming perplexity per sink count."""
-        return {int(r.sinks): r.ppl for r in self.results if r.mode == "streaming" and r.sinks is not None}
+        """Streaming perplexity per sink count, at :attr:`window`."""
+        return {int(r.sinks): r.ppl for r in self.results
+                if r.mode == "streaming" and r.sinks is not None and r.window == self.window}
+
+    @property
+    def ppl_grid(self) -> dict[tuple[int, int], float]:
+        """Streaming perplexity per ``(sinks, window)``."""
+        return {(int(r.sinks), int(r.window)): r.ppl for r in self.results
+                if r.mode == "streaming" and r.sinks is not None and r.window is not None}
+
+    def cheapest(self, tolerance: float = 0.05) -> ModeResult | None:
+        """The streaming result with the smallest cache (``S + W``; ties: fewer sinks) whose perplexity is at most
+        ``(1 + tolerance) x`` dense; None when none is, or without a dense result."""
+        try:
+            limit = (1 + tolerance) * self.result("dense").ppl
+        except ConfigError:
+            return None
+        ok = [r for r in self.results if r.mode == "streaming" and math.isfinite(r.ppl) and r.ppl <= limit]
+        return min(ok, key=lambda r: (r.cache_budget, r.sinks)) if ok else None
 
     def to_dict(self, *, include_nll: bool = True) -> dict[str, Any]:
-        """The ``stream_eval.json`` document (schema ``sinkscope.stream_eval/1``)."""
+        """The ``stream_eval.json`` document (schema ``sinkscope.stream_eval/2``)."""
         subset = self.recompute_targets
         d: dict[str, Any] = {
             "schema": SCHEMA,
             "model": self.model.to_dict(),
             "text": {"name": self.text_name, "n_tokens": self.n_tokens, "available_tokens": self.available_tokens},
             "window": self.window,
+            "windows": list(self.windows),
             "tokens": self.n_tokens,
             "sinks": list(self.sinks),
             "targets": {"first": int(self.targets[0]), "last": int(self.targets[-1]), "count": len(self.targets),
-                        "rule": "positions from max(sinks) + window to the end of the text, the same in every mode"},
+                        "rule": "positions from max(sinks) + max(windows) to the end of the text, the same in every "
+                                "mode"},
         }
         if subset is not None:
             stride = self.settings.get("recompute_stride", 1)
@@ -338,6 +391,12 @@ class StreamEval:
 
         return plots.stream_ppl_by_sinks(self)
 
+    def plot_grid(self) -> Any:
+        """Heatmap of streaming perplexity, sink counts x windows (plotly)."""
+        from .. import plots
+
+        return plots.stream_ppl_grid(self)
+
     def plot_rolling(self, span: int = 64) -> Any:
         """Rolling mean NLL over position, one line per mode (plotly)."""
         from .. import plots
@@ -345,9 +404,10 @@ class StreamEval:
         return plots.stream_rolling_nll(self, span=span)
 
     def __repr__(self) -> str:
-        ppl = ", ".join(f"{r.label}: {r.ppl:.2f}" for r in self.results)
-        return (f"StreamEval(model={self.model.name!r}, text={self.text_name!r}, tokens={self.n_tokens}, "
-                f"window={self.window}, {ppl})")
+        ppl = ", ".join(f"{r.label}{f' W={r.window}' if len(self.windows) > 1 and r.mode == 'streaming' else ''}: "
+                        f"{r.ppl:.2f}" for r in self.results)
+        win = f"windows={list(self.windows)}" if len(self.windows) > 1 else f"window={self.window}"
+        return f"StreamEval(model={self.model.name!r}, text={self.text_name!r}, tokens={self.n_tokens}, {win}, {ppl})"
 
 
 # -------------------------------------------------------------------------------------------------- plan
@@ -362,12 +422,18 @@ class StreamEvalPlan:
     text_name: str
     available_tokens: int
     sinks: tuple[int, ...]
-    window: int
+    windows: tuple[int, ...]  # ascending
     modes: tuple[str, ...]
-    chunk: int
+    exact_stream: bool  # streaming token by token (asked for, or the model isn't served by one pass)
+    onepass_fallback: str | None  # why one pass doesn't serve this model (then exact_stream)
     recompute_stride: int
     recompute_batch: int
     dense_chunk: int
+
+    @property
+    def window(self) -> int:
+        """The largest window: recompute's, and the one the single-window summaries read."""
+        return self.windows[-1]
 
     @property
     def targets(self) -> np.ndarray:
@@ -382,6 +448,11 @@ class StreamEvalPlan:
         mp = self.lm.spec.max_positions
         return bool(mp and len(self.ids) > mp)
 
+    @property
+    def streaming_method(self) -> str:
+        """How streaming results are computed: ``one pass`` or ``token by token``."""
+        return "token by token" if self.exact_stream else "one pass"
+
     def forwards(self) -> dict[str, int]:
         """Forwards each mode will run (the progress bar's total)."""
         n = len(self.ids)
@@ -389,13 +460,33 @@ class StreamEvalPlan:
         if "dense" in self.modes:
             out["dense"] = math.ceil(n / self.dense_chunk)
         if "streaming" in self.modes:
-            out["streaming"] = sum(1 + math.ceil(max(0, n - s - self.window) / self.chunk) for s in self.sinks)
+            if self.exact_stream:
+                out["streaming"] = sum(1 + max(0, n - s - w) for s in self.sinks for w in self.windows)
+            else:
+                out["streaming"] = len(self.sinks) * len(self.windows) * math.ceil(n / self.dense_chunk)
         if "recompute" in self.modes:
             out["recompute"] = math.ceil(len(self.recompute_targets) / self.recompute_batch)
         return out
 
+    def _streaming(self, s: int, w: int, targets: np.ndarray, on_forward: Progress) -> ModeResult:
+        lm, ids = self.lm, self.ids
+        t0 = time.perf_counter()
+        if self.exact_stream:
+            nll = streaming_nll(lm, ids, s, w, on_forward=on_forward)
+            method = (f"SinkCache, one token per forward (the first {s + w} tokens in one forward: nothing is "
+                      "evicted before)")
+        else:
+            nll = onepass_stream_nll(lm, ids, s, w, chunk=self.dense_chunk, on_forward=on_forward)
+            method = (f"one pass: SinkCache's attention (sinks at in-cache positions, a band of {w} keys) for every "
+                      f"query, forwards of {self.dense_chunk} tokens; equal to token-by-token streaming")
+        secs = time.perf_counter() - t0
+        return ModeResult("streaming", s, targets, nll[targets], {
+            "cache_budget": s + w, "exact": True, "method": method,
+            "streamed": "token by token" if self.exact_stream else "one pass", "seconds": round(secs, 2),
+            "tokens_per_s": round(len(ids) / secs, 1) if secs > 0 else None}, window=w)
+
     def run(self, *, progress: bool = True) -> StreamEval:
-        """Run every mode and collect the results (dense first, then streaming by sink count, then recompute)."""
+        """Run every mode and collect the results (streaming by window and sink count, dense, then recompute)."""
         from tqdm.auto import tqdm
 
         lm, ids, w = self.lm, self.ids, self.window
@@ -417,20 +508,10 @@ class StreamEvalPlan:
                     "beyond_context": self.beyond_context, "exact": True, "seconds": round(secs, 2),
                     "tokens_per_s": round(len(ids) / secs, 1) if secs > 0 else None})
             if "streaming" in self.modes:
-                for s in self.sinks:
-                    bar.set_postfix_str(f"streaming S={s}")
-                    t0 = time.perf_counter()
-                    nll = streaming_nll(lm, ids, s, w, chunk=self.chunk, on_forward=bar.update)
-                    secs = time.perf_counter() - t0
-                    fed = max(0, len(ids) - s - w)  # tokens after the first (exact) prefill
-                    results.append(ModeResult("streaming", s, targets, nll[targets], {
-                        "window": w, "cache_budget": s + w, "exact": self.chunk == 1, "chunk": self.chunk,
-                        "method": ("SinkCache, one token per forward" if self.chunk == 1 else
-                                   f"SinkCache, {self.chunk} tokens per forward (approximate: a chunk's tokens "
-                                   f"also see each other, up to {s + w + self.chunk - 1} keys)")
-                        + f"; the first {s + w} tokens in one forward (nothing is evicted before)",
-                        "seconds": round(secs, 2),
-                        "tokens_per_s": round(fed / secs, 2) if secs > 0 and fed else None}))
+                for win in self.windows:
+                    for s in self.sinks:
+                        bar.set_postfix_str(f"streaming S={s}" + (f" W={win}" if len(self.windows) > 1 else ""))
+                        results.append(self._streaming(s, win, targets, bar.update))
             if dense is not None:
                 results.append(dense)
             if "recompute" in self.modes:
@@ -440,33 +521,42 @@ class StreamEvalPlan:
                 nll = recompute_nll(lm, ids, sub, w, batch=self.recompute_batch, on_forward=bar.update)
                 secs = time.perf_counter() - t0
                 results.append(ModeResult("recompute", 0, sub, nll, {
-                    "window": w, "stride": self.recompute_stride, "exact": True,
+                    "stride": self.recompute_stride, "exact": True,
                     "method": f"each target predicted from the {w} tokens before it, encoded from scratch "
                               f"(positions 0..{w - 1}, no cache, no sinks)"
                               + (f"; one target in every {self.recompute_stride}" if self.recompute_stride > 1 else ""),
                     "seconds": round(secs, 2),
-                    "targets_per_s": round(len(sub) / secs, 3) if secs > 0 else None}))
+                    "targets_per_s": round(len(sub) / secs, 3) if secs > 0 else None}, window=w))
         spec = lm.spec
-        settings: dict[str, Any] = {"modes": list(self.modes), "chunk": self.chunk, "exact": self.chunk == 1}
+        settings: dict[str, Any] = {"modes": list(self.modes), "exact": True, "streaming": self.streaming_method}
+        if self.onepass_fallback:
+            settings["onepass_fallback"] = self.onepass_fallback
         if "recompute" in self.modes:
             settings.update(recompute_stride=self.recompute_stride, recompute_batch=self.recompute_batch)
-        if "dense" in self.modes:
-            settings["dense_chunk"] = self.dense_chunk
+        if "dense" in self.modes or not self.exact_stream:
+            settings["forward_tokens"] = self.dense_chunk
         settings.update(min_targets=MIN_TARGETS, nll_digits=NLL_DIGITS, dtype=spec.dtype, device=spec.device,
                         threads=torch.get_num_threads())
         return StreamEval(model=spec, text_name=self.text_name, n_tokens=len(ids),
                           available_tokens=self.available_tokens, window=w, sinks=self.sinks, targets=targets,
                           recompute_targets=self.recompute_targets if "recompute" in self.modes else None,
-                          results=results, settings=settings)
+                          results=results, settings=settings, windows=self.windows)
 
 
 def _int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
+def _window_list(window: int | Sequence[int]) -> tuple[int, ...]:
+    values = [window] if _int(window) else list(window) if isinstance(window, Sequence) else [window]
+    if not values or not all(_int(w) and w >= 1 for w in values):
+        raise ConfigError(f"windows must be whole numbers >= 1, got {window!r}")
+    return tuple(sorted({int(w) for w in values}))
+
+
 def prepare_stream_eval(lm: LoadedModel | str, text: str | Prompt | Sequence[int] | torch.Tensor | None = None, *,
-                        sinks: Sequence[int] = DEFAULT_SINKS, window: int = DEFAULT_WINDOW,
-                        tokens: int | None = None, modes: Sequence[str] = MODES, chunk: int = 1,
+                        sinks: Sequence[int] = DEFAULT_SINKS, window: int | Sequence[int] = DEFAULT_WINDOW,
+                        tokens: int | None = None, modes: Sequence[str] = MODES, exact_stream: bool = False,
                         recompute_stride: int | str = 1, recompute_batch: int | None = None,
                         text_name: str | None = None) -> StreamEvalPlan:
     """Check the inputs of :func:`evaluate_stream` and tokenize the text, without running the model.
@@ -476,9 +566,9 @@ def prepare_stream_eval(lm: LoadedModel | str, text: str | Prompt | Sequence[int
     :data:`AUTO_RECOMPUTE_TARGETS` targets.
 
     Raises:
-        ConfigError: ``S < 0``, ``W < 1``, ``max(S) + W`` beyond the model's positions, an unknown mode, a bad
-            chunk or stride, or an architecture ``SinkCache`` can't serve (streaming mode only).
-        PromptError: the text is too short for ``max(S) + W`` plus :data:`MIN_TARGETS` scored tokens.
+        ConfigError: ``S < 0``, ``W < 1``, ``max(S) + max(W)`` beyond the model's positions, an unknown mode, a
+            bad stride, or an architecture ``SinkCache`` can't serve (streaming mode only).
+        PromptError: the text is too short for ``max(S) + max(W)`` plus :data:`MIN_TARGETS` scored tokens.
     """
     if isinstance(lm, str):
         from ..models import load
@@ -491,27 +581,25 @@ def prepare_stream_eval(lm: LoadedModel | str, text: str | Prompt | Sequence[int
     if not all(_int(s) for s in sinks) or min(sinks) < 0:
         raise ConfigError(f"sink counts must be whole numbers >= 0, got {', '.join(map(str, sinks))}")
     sinks = tuple(sorted({int(s) for s in sinks}))
-    if not _int(window) or window < 1:
-        raise ConfigError(f"the window must be a whole number >= 1, got {window}")
-    window = int(window)
+    windows = _window_list(window)
     modes = tuple(dict.fromkeys(modes))
     bad = [m for m in modes if m not in MODES]
     if bad or not modes:
         raise ConfigError(f"unknown mode(s) {', '.join(bad) or '(none given)'}; choose from {', '.join(MODES)}")
-    if not _int(chunk) or chunk < 1:
-        raise ConfigError(f"chunk must be a whole number >= 1, got {chunk}")
-    budget = max(sinks) + window
+    budget = max(sinks) + windows[-1]
     mp = spec.max_positions
     if mp and budget > mp:
-        raise ConfigError(f"max sinks + window = {max(sinks)} + {window} = {budget} is beyond {spec.name}'s context "
-                          f"of {mp} positions; use a smaller --window or fewer --sinks")
+        raise ConfigError(f"max sinks + window = {max(sinks)} + {windows[-1]} = {budget} is beyond {spec.name}'s "
+                          f"context of {mp} positions; use a smaller --window or fewer --sinks")
+    fallback = None
     if "streaming" in modes:
-        if mp and budget - 1 + chunk > mp:
-            raise ConfigError(f"a chunk of {chunk} tokens on a full cache of {budget - 1} would go past "
-                              f"{spec.name}'s {mp} positions; use --chunk {mp - budget + 1} or less")
+        from ..scheme import attention_scheme
         from .cache import SinkCache
 
-        SinkCache(lm.model, max(sinks), window)  # refuses what it can't serve, e.g. GPT-2's learned positions
+        SinkCache(lm.model, max(sinks), windows[-1])  # refuses what it can't serve, e.g. GPT-2's learned positions
+        support = attention_scheme(lm.model).support()["onepass"]
+        if not support.ok and not exact_stream:
+            fallback = support.why
     if tokens is not None and (not _int(tokens) or tokens < 1):
         raise ConfigError(f"tokens must be a whole number >= 1, got {tokens}")
 
@@ -524,8 +612,8 @@ def prepare_stream_eval(lm: LoadedModel | str, text: str | Prompt | Sequence[int
     if len(ids) < need:
         cut = f" (cut to --tokens {limit})" if limit is not None and available > len(ids) else ""
         raise PromptError(f"the text {name!r} has {len(ids)} tokens{cut}; evaluating sinks up to {max(sinks)} with "
-                          f"a window of {window} needs at least {need} (max sinks + window + {MIN_TARGETS} scored "
-                          f"tokens): give a longer text, more --tokens or a smaller --window")
+                          f"a window of {windows[-1]} needs at least {need} (max sinks + window + {MIN_TARGETS} "
+                          f"scored tokens): give a longer text, more --tokens or a smaller --window")
     if ("dense" in modes and mp and len(ids) > mp and spec.positional == "absolute"):
         raise ConfigError(f"{spec.name} learns {mp} absolute positions; dense attention over {len(ids)} tokens "
                           f"can't run: use --tokens {mp} or less")
@@ -536,46 +624,47 @@ def prepare_stream_eval(lm: LoadedModel | str, text: str | Prompt | Sequence[int
         stride = int(recompute_stride)
     else:
         raise ConfigError(f"recompute stride must be a whole number >= 1 or 'auto', got {recompute_stride!r}")
-    rb = recompute_batch or recompute_batch_size(window)
+    rb = recompute_batch or recompute_batch_size(windows[-1])
     if not _int(rb) or rb < 1:
         raise ConfigError(f"recompute batch must be a whole number >= 1, got {recompute_batch}")
-    return StreamEvalPlan(lm=lm, ids=ids, text_name=name, available_tokens=available, sinks=sinks, window=window,
-                          modes=modes, chunk=int(chunk), recompute_stride=stride, recompute_batch=int(rb),
+    return StreamEvalPlan(lm=lm, ids=ids, text_name=name, available_tokens=available, sinks=sinks, windows=windows,
+                          modes=modes, exact_stream=bool(exact_stream) or fallback is not None,
+                          onepass_fallback=fallback, recompute_stride=stride, recompute_batch=int(rb),
                           dense_chunk=dense_chunk_size(lm))
 
 
-
 def evaluate_stream(lm: LoadedModel | str, text: str | Prompt | Sequence[int] | torch.Tensor | None = None, *,
-                    sinks: Sequence[int] = DEFAULT_SINKS, window: int = DEFAULT_WINDOW, tokens: int | None = None,
-                    modes: Sequence[str] = MODES, chunk: int = 1, recompute_stride: int | str = 1,
-                    recompute_batch: int | None = None, text_name: str | None = None,
-                    progress: bool = True) -> StreamEval:
+                    sinks: Sequence[int] = DEFAULT_SINKS, window: int | Sequence[int] = DEFAULT_WINDOW,
+                    tokens: int | None = None, modes: Sequence[str] = MODES, exact_stream: bool = False,
+                    recompute_stride: int | str = 1, recompute_batch: int | None = None,
+                    text_name: str | None = None, progress: bool = True) -> StreamEval:
     """Perplexity of a long text streamed under each sink count, beside dense and sliding-window recompute.
 
     Args:
         lm: a loaded model (or a model source for :func:`sinkscope.load_model`).
         text: a text, a :class:`~sinkscope.prompts.Prompt`, or token ids; default: Python's documentation
             topics (:func:`default_text`), its first :data:`DEFAULT_TOKENS` tokens.
-        sinks: sink counts ``S`` to stream with (one ``streaming`` result each).
-        window: ``W``, recent tokens each query attends to (itself included); recompute's window too.
+        sinks: sink counts ``S`` to stream with (one ``streaming`` result each, per window).
+        window: ``W``, recent tokens each query attends to (itself included), or several: a grid, every sink
+            count at every window on the same targets. Recompute runs at the largest.
         tokens: evaluate the text's first ``tokens`` tokens (default: the whole text given).
         modes: any of ``streaming``, ``dense``, ``recompute``.
-        chunk: streaming tokens per forward after the first ``S + W``; 1 is exact, more is faster and
-            approximate (labelled ``"exact": false``).
+        exact_stream: stream token by token through ``SinkCache`` instead of in one pass (the same numbers,
+            hundreds of times slower; the reference one pass is tested against).
         recompute_stride: recompute every ``k``-th target only (``"auto"``: at most
             :data:`AUTO_RECOMPUTE_TARGETS` targets); every mode also reports ``ppl_on_recompute_targets``.
         recompute_batch: windows per recompute forward (default: about 1024 tokens per forward).
         text_name: the text's name in the result (default: the prompt's name, or ``text``).
         progress: show a progress bar (over forwards).
 
-    Targets are positions ``max(sinks) + window .. T - 1`` in every mode; see the module docstring.
+    Targets are positions ``max(sinks) + max(window) .. T - 1`` in every mode; see the module docstring.
     """
-    plan = prepare_stream_eval(lm, text, sinks=sinks, window=window, tokens=tokens, modes=modes, chunk=chunk,
-                               recompute_stride=recompute_stride, recompute_batch=recompute_batch,
-                               text_name=text_name)
+    plan = prepare_stream_eval(lm, text, sinks=sinks, window=window, tokens=tokens, modes=modes,
+                               exact_stream=exact_stream, recompute_stride=recompute_stride,
+                               recompute_batch=recompute_batch, text_name=text_name)
     return plan.run(progress=progress)
 
 
 __all__ = ["AUTO_RECOMPUTE_TARGETS", "DEFAULT_SINKS", "DEFAULT_TOKENS", "DEFAULT_WINDOW", "MIN_TARGETS", "MODES",
            "SCHEMA", "ModeResult", "StreamEval", "StreamEvalPlan", "default_text", "dense_nll", "evaluate_stream",
-           "prepare_stream_eval", "recompute_nll", "streaming_nll"]
+           "onepass_stream_nll", "prepare_stream_eval", "recompute_nll", "streaming_nll"]
