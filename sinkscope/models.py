@@ -251,14 +251,16 @@ def load(source: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "floa
 
 
 def _load_kwargs(target: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Loading options a family needs: those that can't switch to eager attention later are loaded eager."""
+    """Loading options a family needs: those that can't switch to eager attention later, and those whose
+    attention is soft-capped (SDPA drops the cap; eager applies it), are loaded eager."""
     from transformers import AutoConfig
 
     from .scheme import EAGER_AT_LOAD
 
     config = AutoConfig.from_pretrained(target, **kwargs)
     text = config.get_text_config(decoder=True)
-    return {"attn_implementation": "eager"} if getattr(text, "model_type", None) in EAGER_AT_LOAD else {}
+    eager = getattr(text, "model_type", None) in EAGER_AT_LOAD or bool(getattr(text, "attn_logit_softcapping", None))
+    return {"attn_implementation": "eager"} if eager else {}
 
 
 def _resolve(source: str, *, progress: bool) -> tuple[str, Path | None, str | None]:

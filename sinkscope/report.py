@@ -228,7 +228,7 @@ def _learned_sink_sentences(profile: SinkProfile, code: Any) -> list[str]:
            f"than {thr:g}).",
            "That sink travels with every query, so a streaming (StreamingLLM) cache needs no pinned token for it: "
            "the recommended sink count is for the first-token mass that remains.",
-           f"{code('sinkscope eval-stream')} (or {code('sinkscope report --validate')}) can confirm it by "
+           f"{code('sinkscope eval-stream')} (and the report's validation, on by default) confirms it by "
            "perplexity under eviction."]
     if attention_estimate(profile.recommendation).evidence.get("learned_sink_carries_excess"):
         out.insert(2, "No head parks its excess on the first tokens: the learned sink does the job, and the "

@@ -562,6 +562,19 @@ def _has_absolute_positions(model: nn.Module) -> bool:
     return False
 
 
+def dropped_softcap(model: nn.Module) -> str | None:
+    """Why the model's own forward runs without its attention soft-cap (None when it applies it): transformers'
+    SDPA and flash attention ignore ``softcap`` (Gemma-2), so the model as loaded is not the model its config
+    describes. Comparisons of modes (eval-stream: dense, token by token, one pass) must not mix the two."""
+    scheme = attention_scheme(model)
+    impl = getattr(model.config, "_attn_implementation", None)
+    if scheme.softcap and impl not in (None, "eager"):
+        return (f"{scheme.family}: its attention is soft-capped (attn_logit_softcapping={scheme.softcap:g}), which "
+                f"transformers' {impl} attention drops, so its own forwards are not the model its config describes; "
+                "load it with attn_implementation='eager' (sinkscope.load_model does)")
+    return None
+
+
 def check_layer_count(scheme: AttentionScheme, seen: set[int] | list[int], expected: list[int], mode: str) -> None:
     """After a forward: every layer that should have reached sinkscope did (catches a path that slipped)."""
     missing = sorted(set(expected) - set(seen))

@@ -140,3 +140,18 @@ def test_a_layer_that_slips_past_is_caught(tok_nobos) -> None:
             onepass_nll(model, ids(30), 2, 8, chunk=8)
     finally:
         attn.forward = original
+
+
+def test_a_dropped_softcap_is_refused_before_any_work(tok_nobos) -> None:
+    """Gemma-2 under SDPA (transformers' default on a GPU) runs without its soft-cap: dense and token-by-token
+    numbers would be another model's than one pass's, so eval-stream refuses and says how to load it."""
+    from sinkscope.streaming.evaluate import prepare_stream_eval
+
+    model = build("gemma2", attn="eager")
+    # transformers 5.17 loads Gemma-2 with SDPA on a GPU; this one refuses SDPA for it, so set what 5.17 sets
+    model.config._attn_implementation = "sdpa"
+    with pytest.raises(ConfigError, match="attn_implementation='eager'") as exc:
+        prepare_stream_eval(loaded(model, tok_nobos, "gemma2"), ids(60), sinks=(0, 2), window=8)
+    assert "soft-capped" in str(exc.value) and "\n" not in str(exc.value)
+    eager = build("gemma2", attn="eager")
+    assert prepare_stream_eval(loaded(eager, tok_nobos, "gemma2"), ids(60), sinks=(0, 2), window=8).ids

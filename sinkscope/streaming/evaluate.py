@@ -591,6 +591,11 @@ def prepare_stream_eval(lm: LoadedModel | str, text: str | Prompt | Sequence[int
     if mp and budget > mp:
         raise ConfigError(f"max sinks + window = {max(sinks)} + {windows[-1]} = {budget} is beyond {spec.name}'s "
                           f"context of {mp} positions; use a smaller --window or fewer --sinks")
+    from ..scheme import dropped_softcap
+
+    dropped = dropped_softcap(lm.model)
+    if dropped:
+        raise ConfigError(dropped)
     fallback = None
     if "streaming" in modes:
         from ..scheme import attention_scheme

@@ -52,11 +52,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import PreTrainedConfig
 from transformers.cache_utils import Cache, CacheLayerMixin, LinearAttentionLayer
 
 from ..errors import CaptureError, ConfigError
 from ..scheme import FULL, LINEAR, SLIDING, AttentionScheme, attention_scheme, check_layer_count, text_config
+from .cache import _linear_states, _max_positions
 from .rope import LayerRope, layer_ropes, rerotate
 
 __all__ = ["ONEPASS_IMPLEMENTATION", "BandCache", "onepass_nll"]
@@ -80,6 +80,7 @@ class _BandLayer(CacheLayerMixin):
         super().__init__()
         self.index, self.rope, self.sinks, self.band, self.budget = index, rope, sinks, band, budget
         self.is_sliding = local
+        self.seen: set[int] = set()  # shared by the layers of one evaluation: which attended in this forward
         self.reset()
 
     def reset(self) -> None:
@@ -235,8 +236,6 @@ class BandCache(Cache):
             elif ly.kind == SLIDING and ly.window:
                 layers.append(_BandLayer(ly.index, rope, 0, int(ly.window), sinks + window, local=True))
             elif ly.kind == LINEAR:
-                from .cache import _linear_states
-
                 layers.append(LinearAttentionLayer(number_of_states=_linear_states(text, ly.index)))
             else:  # the scheme refuses these
                 raise ConfigError(f"{scheme.architecture}: one pass can't serve layer {ly.index} ({ly.kind})")
@@ -268,7 +267,6 @@ class BandCache(Cache):
 # ------------------------------------------------------------------------------------- the attention function
 
 _jobs: dict[int, _BandLayer] = {}  # id(attention module) -> its layer, inside a one-pass block
-_seen: dict[int, set[int]] = {}  # id(cache) -> layers that attended in the forward in flight
 _jobs_lock = threading.Lock()
 _registered = False
 
@@ -335,12 +333,6 @@ def onepass_attention(model: nn.Module, cache: BandCache) -> Iterator[set[int]]:
 # ----------------------------------------------------------------------------------------------------- driver
 
 
-def _max_positions(config: PreTrainedConfig) -> int | None:
-    from .cache import _max_positions as mp
-
-    return mp(config)
-
-
 def onepass_nll(model: nn.Module, ids: Sequence[int] | torch.Tensor, sinks: int, window: int, *, chunk: int = 1024,
                 on_forward: Callable[[int], None] | None = None) -> np.ndarray:
     """NLL of every token streamed through ``SinkCache(sinks, window)``, in one pass: ``[T]``, ``nan`` at 0.
@@ -384,8 +376,3 @@ def onepass_nll(model: nn.Module, ids: Sequence[int] | torch.Tensor, sinks: int,
             if on_forward:
                 on_forward(1)
     return out
-
-
-def forwards(n_tokens: int, chunk: int) -> int:
-    """Forwards :func:`onepass_nll` runs over ``n_tokens`` tokens (a progress bar's total)."""
-    return math.ceil(n_tokens / max(1, chunk))
