@@ -4,6 +4,10 @@ A thin layer: figures come from :mod:`sinkscope.plots`, the recommendation text 
 :func:`sinkscope.report.recommendation_markdown`, analysis and streaming from the library through
 :mod:`dashboard.state`. Callbacks only move data between the page and those objects.
 
+The stream pane's perplexity panel evaluates the stream's text with 0, 1, 2, 4 and 8 sinks at the stream's
+window (:class:`dashboard.state.PerplexityJobs`, a background job polled like an analysis) and draws
+:func:`sinkscope.plots.stream_ppl_by_sinks`.
+
 Each browser tab gets its own session id (a ``dcc.Store`` filled when the layout is served), which keys its
 stream on the server; tabs don't share streams.
 """
@@ -23,17 +27,21 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 from sinkscope.prompts import Prompt, sample_prompts
 from sinkscope.report import recommendation_markdown
+from sinkscope.streaming.evaluate import MIN_TARGETS
 from sinkscope.streaming.memory import format_bytes
 
 from .state import (
     HEATMAP_VIEWS,
+    PPL_SINKS,
     Analyses,
     DashboardError,
     Limits,
     ModelPool,
+    PerplexityJobs,
     StreamRequest,
     Streams,
     describe,
+    describe_perplexity,
     head_detail,
     heatmap_views,
 )
@@ -47,6 +55,7 @@ CHART_EVERY = 16  # tokens between two redraws of the live chart
 # line counts them all): every poll re-renders the pane's children, so a pane of all the tokens of a fast
 # stream (hundreds per second on a small model) grew until the page stopped polling.
 PAGE_BLOCK = 512
+PPL_HEIGHT = 420  # the perplexity-by-sinks figure, a little shorter than in report.html
 
 
 @dataclass
@@ -58,6 +67,7 @@ class Services:
     streams: Streams
     limits: Limits
     samples: dict[str, Prompt]
+    perplexity: PerplexityJobs
 
 
 def create_app(models: dict[str, str | LoadedModel] | None = None, *, limits: Limits | None = None,
@@ -65,7 +75,7 @@ def create_app(models: dict[str, str | LoadedModel] | None = None, *, limits: Li
     """Build the dashboard. ``models``: display name -> model source or loaded model (first = default);
     ``loader`` turns a source into a model (default: :func:`sinkscope.load_model`).
 
-    The services (model pool, analyses, streams) hang on ``app.sinkscope`` for tests and shutdown.
+    The services (model pool, analyses, streams, perplexity jobs) hang on ``app.sinkscope`` for tests and shutdown.
     """
     limits = limits or Limits()
     pool = ModelPool(models or {"smollm2-135m": "smollm2-135m"}, loader)
@@ -73,7 +83,8 @@ def create_app(models: dict[str, str | LoadedModel] | None = None, *, limits: Li
         samples = {p.name: p for p in sample_prompts()}
     except SinkscopeError:
         samples = {}
-    svc = Services(pool, Analyses(pool, limits), Streams(pool, limits), limits, samples)
+    svc = Services(pool, Analyses(pool, limits), Streams(pool, limits), limits, samples,
+                   PerplexityJobs(pool, limits))
     app = Dash(__name__, title="sinkscope", update_title=None, suppress_callback_exceptions=False)
     app.layout = lambda: _layout(svc)
     _register(app, svc)
@@ -112,6 +123,7 @@ def _layout(svc: Services) -> html.Div:
         dcc.Store(id="stream-cursor", data=0),
         dcc.Interval(id="analysis-poll", interval=POLL_MS, disabled=True),
         dcc.Interval(id="stream-poll", interval=POLL_MS, disabled=True),
+        dcc.Store(id="ppl-job"), dcc.Interval(id="ppl-poll", interval=POLL_MS, disabled=True),
         dcc.Interval(id="model-poll", interval=1000, disabled=svc.pool.is_loaded(model)),
         html.Header([
             html.H1(["sinkscope", html.Span(" where the model parks its attention", className="sub")]),
@@ -177,9 +189,40 @@ def _layout(svc: Services) -> html.Div:
                 html.Div(id="stream-status", className="status", role="status"),
                 html.Div(html.Div(id="stream-text", className="stream-text", children=[]), className="stream-box"),
                 _graph("stream-chart", 520),
+                _perplexity_panel(),
             ], className="pane"),
         ], className="panes"),
     ])
+
+
+def _perplexity_panel() -> html.Div:
+    """The stream pane's perplexity-by-sinks panel: a button, a status line, the figure (hidden until there is
+    one) and its caption."""
+    sinks = ", ".join(map(str, PPL_SINKS))
+    return html.Div([
+        html.H3("Perplexity by sinks"),
+        html.Div([
+            html.Button("Perplexity by sinks for this prompt", id="ppl-run", n_clicks=0),
+            html.Span(f"the text above streamed with S = {sinks} sinks at window W, beside the full cache (dense)",
+                      className="hint"),
+        ], className="row"),
+        html.Div(id="ppl-status", className="status", role="status"),
+        html.Div(_graph("ppl-chart", PPL_HEIGHT), id="ppl-figure", hidden=True),
+        html.Div(id="ppl-caption", className="status"),
+    ], id="ppl-panel", className="subpanel")
+
+
+def _ppl_caption(d: dict[str, Any]) -> str:
+    """The line under the perplexity figure (from :func:`dashboard.state.describe_perplexity`)."""
+    window = f"window {d['window']}"
+    if d["shortened"]:
+        window += (f" (the stream's W = {d['window_asked']} leaves too few scored tokens in this text: the largest "
+                   f"window that leaves {MIN_TARGETS})")
+    beyond = ", beyond the model's trained context" if d["beyond_context"] else ""
+    slow = ", streamed token by token" if d["method"] == "token by token" else ""
+    return (f"{d['model']}: {d['n_tokens']} text tokens · {window} · {d['n_targets']} scored tokens · best: "
+            f"S = {d['best_sinks']} (perplexity {d['best_ppl']:.2f}) · dense {d['dense_ppl']:.2f}{beyond} · "
+            f"{d['seconds']:.1f} s{slow}")
 
 
 def _view_options(views: list[str]) -> list[dict[str, str]]:
@@ -211,7 +254,7 @@ def _head_text(d: dict[str, Any]) -> str:
 
 
 def _register(app: Dash, svc: Services) -> None:
-    pool, analyses, streams = svc.pool, svc.analyses, svc.streams
+    pool, analyses, streams, ppl_jobs = svc.pool, svc.analyses, svc.streams, svc.perplexity
 
     @app.callback(Output("model-status", "children"), Output("model-poll", "disabled"),
                   Input("model", "value"), Input("model-poll", "n_intervals"))
@@ -377,6 +420,49 @@ def _register(app: Dash, svc: Services) -> None:
         redraw = finished or (new and _chart_due(cursor or 0, len(tokens)))
         figure = plots.stream_live(tokens) if redraw else no_update
         return text if new else no_update, len(tokens), _status(info), figure, finished, message
+
+    # The perplexity panel: a job of its own (its outputs are the panel's only), polled while it runs; the
+    # button is disabled meanwhile (the server refuses a second job of one page as well).
+    @app.callback(Output("ppl-job", "data"), Output("ppl-poll", "disabled"), Output("ppl-status", "children"),
+                  Output("ppl-figure", "hidden"), Output("ppl-caption", "children"), Output("ppl-run", "disabled"),
+                  Input("ppl-run", "n_clicks"), State("session", "data"), State("model", "value"),
+                  State("stream-prompt", "value"), State("window", "value"), prevent_initial_call=True)
+    def start_perplexity(_n, session, model, text, window):
+        # A refusal leaves the poll as it is: it may be following this page's running job.
+        if window is None:
+            return (no_update, no_update, html.Span("Fill in W with a number in range.", className="error"), True,
+                    "", no_update)
+        try:
+            job = ppl_jobs.start(session, model, text or "", int(window))
+        except SinkscopeError as exc:
+            return no_update, no_update, html.Span(str(exc), className="error"), True, "", no_update
+        return job.id, False, f"evaluating the stream's text on {model}...", True, "", True
+
+    @app.callback(Output("ppl-status", "children", allow_duplicate=True),
+                  Output("ppl-poll", "disabled", allow_duplicate=True), Output("ppl-chart", "figure"),
+                  Output("ppl-figure", "hidden", allow_duplicate=True),
+                  Output("ppl-caption", "children", allow_duplicate=True),
+                  Output("ppl-run", "disabled", allow_duplicate=True),
+                  Input("ppl-poll", "n_intervals"), State("ppl-job", "data"), prevent_initial_call=True)
+    def poll_perplexity(_n, job_id):
+        job = ppl_jobs.get(job_id)
+        if job is None:
+            return (html.Span("This evaluation is gone from the server (it restarted); press the button again.",
+                              className="error"), True, no_update, True, "", False)
+        if not job.done:
+            if job.state == "waiting":
+                what = "loading the model" if not pool.is_loaded(job.model) else "waiting for the model"
+            else:
+                what = (f"evaluating {job.n_tokens} tokens at window {job.window}: "
+                        f"{len(PPL_SINKS)} sink counts and dense"
+                        + (" (token by token for this model: slower)" if job.method == "token by token" else ""))
+            return f"{what}... {job.elapsed:.0f} s", False, no_update, no_update, no_update, no_update
+        if job.error:
+            return html.Span(job.error, className="error"), True, no_update, True, "", False
+        assert job.result is not None
+        fig = plots.stream_ppl_by_sinks(job.result)
+        fig.update_layout(height=PPL_HEIGHT)
+        return "", True, fig, False, _ppl_caption(describe_perplexity(job)), False
 
 
 def _chart_due(before: int, now: int) -> bool:

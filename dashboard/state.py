@@ -2,7 +2,8 @@
 
 Everything here runs in the Dash (Flask) server process. Callbacks stay thin: they call these objects and
 turn what comes back into components. Work that takes more than a moment (loading a model, an analysis, a
-stream) runs in a background thread; the page polls it with a ``dcc.Interval``, so a callback never blocks.
+stream, a stream's perplexity by sinks) runs in a background thread; the page polls it with a
+``dcc.Interval``, so a callback never blocks.
 
 Forwards of one model are serialised by that model's lock: analysis switches the attention implementation
 and installs hooks for its duration, which must not leak into a stream's forward, and two streams of one
@@ -26,6 +27,7 @@ from sinkscope.analysis import SinkProfile
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 from sinkscope.streaming import Streamer
+from sinkscope.streaming.evaluate import MIN_TARGETS, StreamEval, prepare_stream_eval
 from sinkscope.streaming.streamer import TokenStats
 
 log = logging.getLogger("sinkscope.dashboard")
@@ -229,6 +231,122 @@ def head_detail(profile: SinkProfile, layer: int, head: int) -> dict[str, Any]:
         "sink_head": bool(ftm[row, head] > profile.threshold),
         "learned_sink_mass": None if lsm is None else float(lsm[row, head]),
         "learned_sink_head": lsm is not None and bool(lsm[row, head] > profile.threshold),
+    }
+
+
+# ---------------------------------------------------------------------------------------- perplexity by sinks
+
+PPL_SINKS = (0, 1, 2, 4, 8)  # the sink counts the stream pane's perplexity panel evaluates
+PPL_MODES = ("streaming", "dense")
+PPL_MIN_WINDOW = 16  # the panel shortens the stream's window for a short text, never below this
+PPL_TEXT_NAME = "stream text"  # the text's name in the library's messages and the result
+
+
+def fit_window(n_tokens: int, window: int, sinks: tuple[int, ...] = PPL_SINKS) -> int:
+    """The window the perplexity panel evaluates ``n_tokens`` at: the stream's ``window`` when the text leaves
+    :data:`~sinkscope.streaming.evaluate.MIN_TARGETS` scored tokens after ``max(sinks) + window``, else the
+    largest window that does, but never below :data:`PPL_MIN_WINDOW` (nor above ``window``): a text too short
+    even for that gets the library's refusal, which says how many tokens it needs."""
+    return min(window, max(PPL_MIN_WINDOW, n_tokens - max(sinks) - MIN_TARGETS))
+
+
+@dataclass
+class PerplexityJob:
+    """One perplexity-by-sinks evaluation of a stream's text, running (or done) in a background thread."""
+
+    id: str
+    session: str
+    model: str
+    window_asked: int  # the stream's W
+    started: float = field(default_factory=time.monotonic)
+    finished: float | None = None
+    state: str = "waiting"  # waiting (for the model: a stream's token, another job), evaluating, done
+    n_tokens: int | None = None
+    window: int | None = None  # the window evaluated: window_asked, or shorter for a short text (fit_window)
+    method: str | None = None  # how streaming is computed: "one pass" or "token by token" (slower)
+    result: StreamEval | None = None
+    error: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+
+class PerplexityJobs:
+    """Perplexity-by-sinks jobs by id (the last ``keep``), at most one running per browser session.
+
+    Each job evaluates the text with :data:`PPL_SINKS` sinks at the stream's window, streaming and dense, through
+    :func:`sinkscope.streaming.evaluate.prepare_stream_eval`, under the model's lock (the evaluation's forwards
+    take one turn: a stream of that model waits for them, for a few seconds on a 1000-token text).
+    """
+
+    def __init__(self, pool: ModelPool, limits: Limits, keep: int = 16):
+        self.pool, self.limits, self.keep = pool, limits, keep
+        self._jobs: OrderedDict[str, PerplexityJob] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, session: str, model: str, text: str, window: int) -> PerplexityJob:
+        """Check the request, then evaluate in a thread; returns the job at once."""
+        if not text.strip():
+            raise DashboardError("the stream's text is empty: type a text to evaluate")
+        if not 1 <= window <= self.limits.max_window:
+            raise DashboardError(f"window W must be between 1 and {self.limits.max_window}, got {window}")
+        job = PerplexityJob(id=uuid.uuid4().hex, session=session, model=model, window_asked=window)
+        with self._lock:
+            if any(j.session == session and not j.done for j in self._jobs.values()):
+                raise DashboardError("this page's perplexity evaluation is still running; wait for it to finish")
+            self._jobs[job.id] = job
+            while len(self._jobs) > self.keep:
+                self._jobs.popitem(last=False)
+        threading.Thread(target=self._run, args=(job, text), name=f"ppl-{job.id[:8]}", daemon=True).start()
+        return job
+
+    def get(self, job_id: str | None) -> PerplexityJob | None:
+        """The job, or None when this server doesn't know it (restarted, or the job was dropped)."""
+        with self._lock:
+            return self._jobs.get(job_id) if job_id else None
+
+    def _run(self, job: PerplexityJob, text: str) -> None:
+        try:
+            lm = self.pool.get(job.model)
+            n = len(lm.tokenizer(text).input_ids)
+            if n > self.limits.max_prompt_tokens:
+                raise DashboardError(f"the stream's text has {n} tokens; the limit is {self.limits.max_prompt_tokens}")
+            job.n_tokens, job.window = n, fit_window(n, job.window_asked)
+            with self.pool.lock(job.model):  # the plan's SinkCache probe and every forward, in one turn
+                plan = prepare_stream_eval(lm, text, sinks=PPL_SINKS, window=job.window, modes=PPL_MODES,
+                                           text_name=PPL_TEXT_NAME)
+                job.n_tokens, job.method, job.state = len(plan.ids), plan.streaming_method, "evaluating"
+                job.result = plan.run(progress=False)
+        except SinkscopeError as exc:
+            job.error = str(exc)
+        except Exception as exc:  # shown in the page; the server and the other sessions carry on
+            log.exception("perplexity evaluation failed")
+            job.error = f"the evaluation failed: {type(exc).__name__}: {exc}"
+        finally:
+            job.state = "done"
+            job.finished = time.monotonic()
+
+
+def describe_perplexity(job: PerplexityJob) -> dict[str, Any]:
+    """A finished job's caption facts, read off its :class:`StreamEval`: text tokens, window (and whether the
+    stream's was shortened), scored tokens, the sink count of lowest perplexity, dense perplexity."""
+    ev = job.result
+    if ev is None:
+        raise DashboardError(job.error or "the evaluation has no result yet")
+    by_sinks = ev.ppl_by_sinks
+    best = min(by_sinks, key=lambda s: (by_sinks[s], s))  # ties: fewer sinks
+    dense = ev.result("dense")
+    return {
+        "model": job.model, "n_tokens": ev.n_tokens, "window": ev.window, "window_asked": job.window_asked,
+        "shortened": ev.window < job.window_asked, "n_targets": len(ev.targets), "ppl_by_sinks": by_sinks,
+        "best_sinks": best, "best_ppl": by_sinks[best], "dense_ppl": dense.ppl,
+        "beyond_context": bool(dense.info.get("beyond_context")), "method": ev.settings.get("streaming"),
+        "seconds": job.elapsed,
     }
 
 

@@ -279,6 +279,44 @@ def test_server_restart_mid_stream_is_explained(dash_duo, app):
     wait_until(lambda: "running" in status(dash_duo), what="a new stream")
 
 
+PPL_TEXT = ("Attention sinks: a model parks the attention it does not need on the first tokens, so a cache that "
+            "evicts them breaks the model. Keep a few sinks and a window of recent tokens, and the loss stays low. ")
+
+
+def test_perplexity_by_sinks_panel_draws_the_curve_beside_a_stream(dash_duo, app):
+    dash_duo.start_server(app)
+    set_value(dash_duo, "#stream-prompt", PPL_TEXT)  # 202 tokens: 8 sinks + W 24 + 170 scored
+    set_value(dash_duo, "#window", "24")
+    press(dash_duo, "#start")
+    wait_until(lambda: token_count(dash_duo) > 0, what="the stream's first tokens")
+    press(dash_duo, "#ppl-run")  # while the stream runs: the two take turns on the model
+    dash_duo.wait_for_contains_text("#ppl-caption", "scored tokens", timeout=60)
+    caption = dash_duo.find_element("#ppl-caption").text
+    assert f"{len(PPL_TEXT) + 1} text tokens · window 24 · {len(PPL_TEXT) + 1 - 8 - 24} scored tokens" in caption
+    assert "best: S = " in caption and "dense " in caption
+    assert dash_duo.find_element("#ppl-figure").is_displayed()
+    dash_duo.wait_for_contains_text("#ppl-chart .gtitle", "Perplexity vs sink count (window 24", timeout=10)
+    assert dash_duo.find_elements("#ppl-chart .scatterlayer .trace")
+    assert dash_duo.find_element("#ppl-status").text == ""
+    assert dash_duo.find_element("#ppl-run").is_enabled()
+    assert token_count(dash_duo) > 0 and "error" not in status(dash_duo)  # the stream carried on
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()
+
+
+def test_perplexity_by_sinks_panel_explains_a_short_prompt(dash_duo, app):
+    dash_duo.start_server(app)
+    set_value(dash_duo, "#stream-prompt", "Too short to evaluate.")  # 23 tokens: 8 sinks + W 16 + 32 need 56
+    press(dash_duo, "#ppl-run")
+    dash_duo.wait_for_contains_text("#ppl-status", "has 23 tokens; evaluating sinks up to 8 with a window of 16 "
+                                                   "needs at least 56", timeout=30)
+    assert "\n" not in dash_duo.find_element("#ppl-status").text
+    assert not dash_duo.find_element("#ppl-figure").is_displayed()
+    assert dash_duo.find_element("#ppl-caption").text == ""
+    press(dash_duo, "#start")  # the rest of the page is untouched
+    wait_until(lambda: token_count(dash_duo) > 0, what="a stream after the refusal")
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()
+
+
 @pytest.mark.real
 def test_real_smollm2_analysis_and_stream(dash_duo, smollm2):
     """The README's dashboard on the real default model: an analysis renders, a stream runs and switches."""

@@ -279,3 +279,133 @@ def test_analysis_view_shows_learned_sinks_only_for_models_that_have_them(tiny_l
         assert "learned" not in head_map({"layer": 1, "head": 2}, "linear", plain.id)[1]
     finally:
         app.sinkscope.streams.shutdown()
+
+
+# ------------------------------------------------------------------------------------ perplexity by sinks
+
+PPL_TEXT = "The cat sat on the mat. The dog sat on the log. A bird sang in the tree. " * 3  # 219 tokens + BOS
+
+
+@pytest.fixture
+def ppl_jobs(tiny_llama, tiny_gpt2):
+    from dashboard.state import PerplexityJobs
+
+    return PerplexityJobs(ModelPool({"tiny": tiny_llama, "gpt2": tiny_gpt2}), Limits(max_prompt_tokens=600))
+
+
+def _finished(job, timeout=60.0):
+    wait(lambda: job.done, timeout)
+    return job
+
+
+def _assert_same_numbers(job, expected):
+    """The job's evaluation against an independent evaluate_stream call: every mode, to 1e-9."""
+    ev = job.result
+    assert job.error is None and ev is not None, job.error
+    assert ev.n_tokens == expected.n_tokens and ev.window == expected.window
+    assert (ev.targets == expected.targets).all()
+    assert sorted(ev.ppl_by_sinks) == [0, 1, 2, 4, 8] == sorted(expected.ppl_by_sinks)
+    for s, ppl in expected.ppl_by_sinks.items():
+        assert ev.ppl_by_sinks[s] == pytest.approx(ppl, rel=1e-9, abs=0)
+    assert ev.result("dense").ppl == pytest.approx(expected.result("dense").ppl, rel=1e-9, abs=0)
+    got, want = ev.to_dict(include_nll=False), expected.to_dict(include_nll=False)
+    assert [(r["mode"], r.get("sinks"), r["n_targets"]) for r in got["results"]] == \
+        [(r["mode"], r.get("sinks"), r["n_targets"]) for r in want["results"]]
+
+
+def test_perplexity_job_gives_the_numbers_of_evaluate_stream(tiny_llama, ppl_jobs):
+    from dashboard.state import describe_perplexity
+    from sinkscope.streaming.evaluate import evaluate_stream
+
+    job = _finished(ppl_jobs.start("a", "tiny", PPL_TEXT, 24))
+    expected = evaluate_stream(tiny_llama, PPL_TEXT, sinks=(0, 1, 2, 4, 8), window=24, modes=("streaming", "dense"),
+                               progress=False)
+    _assert_same_numbers(job, expected)
+    assert job.window == job.window_asked == 24 and job.n_tokens == len(PPL_TEXT) + 1  # characters + BOS
+    d = describe_perplexity(job)
+    best = min(expected.ppl_by_sinks, key=expected.ppl_by_sinks.get)
+    assert d["best_sinks"] == best and d["best_ppl"] == pytest.approx(expected.ppl_by_sinks[best], rel=1e-9)
+    assert d["n_targets"] == len(PPL_TEXT) + 1 - 8 - 24 and d["shortened"] is False
+    assert d["dense_ppl"] == pytest.approx(expected.result("dense").ppl, rel=1e-9) and d["beyond_context"] is False
+
+
+def test_perplexity_job_shortens_a_window_too_long_for_the_text(tiny_llama, ppl_jobs):
+    from sinkscope.errors import PromptError
+    from sinkscope.streaming.evaluate import MIN_TARGETS, evaluate_stream
+
+    job = _finished(ppl_jobs.start("a", "tiny", PPL_TEXT, 200))  # 220 tokens: 8 + 200 + 32 don't fit
+    fitted = len(PPL_TEXT) + 1 - 8 - MIN_TARGETS  # the largest window that leaves MIN_TARGETS scored tokens
+    assert job.window_asked == 200 and job.window == fitted == 180
+    expected = evaluate_stream(tiny_llama, PPL_TEXT, sinks=(0, 1, 2, 4, 8), window=fitted,
+                               modes=("streaming", "dense"), progress=False)
+    _assert_same_numbers(job, expected)
+    assert len(job.result.targets) == MIN_TARGETS
+    with pytest.raises(PromptError):  # one more and the library refuses: fitted is the largest
+        evaluate_stream(tiny_llama, PPL_TEXT, sinks=(0, 8), window=fitted + 1, modes=("dense",), progress=False)
+
+
+@pytest.mark.parametrize(("model", "text", "window", "message"), [
+    # Too short even at the smallest window (16): the library's refusal, with the tokens it needs.
+    ("tiny", "Too short a text.", 128, "the text 'stream text' has 18 tokens; evaluating sinks up to 8 with a window "
+                                        "of 16 needs at least 56"),
+    ("tiny", "Too short a text.", 8, "with a window of 8 needs at least 48"),  # a W under 16 is kept
+    ("gpt2", PPL_TEXT[:60], 16, "SinkCache (stream, eval-stream --exact-stream, dashboard stream) can't serve this "
+                                "model: it learns absolute position embeddings"),
+    ("tiny", "x" * 700, 16, "the stream's text has 701 tokens; the limit is 600"),
+])
+def test_perplexity_job_reports_the_library_refusal_in_one_line(ppl_jobs, model, text, window, message):
+    job = _finished(ppl_jobs.start("a", model, text, window))
+    assert job.result is None and message in job.error
+    assert "\n" not in job.error and "Traceback" not in job.error
+
+
+def test_perplexity_job_takes_the_model_lock_and_one_job_per_page(ppl_jobs):
+    with pytest.raises(DashboardError, match="text is empty"):
+        ppl_jobs.start("a", "tiny", "  ", 16)
+    with pytest.raises(DashboardError, match="window W must be between 1 and 4096, got 0"):
+        ppl_jobs.start("a", "tiny", PPL_TEXT, 0)
+    with ppl_jobs.pool.lock("tiny"):  # a stream's token (or an analysis) holds the model
+        job = ppl_jobs.start("a", "tiny", PPL_TEXT, 16)
+        time.sleep(0.3)
+        assert job.state == "waiting" and not job.done and job.result is None
+        with pytest.raises(DashboardError, match="still running"):
+            ppl_jobs.start("a", "tiny", PPL_TEXT, 16)
+        other = ppl_jobs.start("b", "tiny", PPL_TEXT, 16)  # another page may queue its own
+    _finished(job)
+    _finished(other)
+    assert job.error is None and other.error is None
+    assert ppl_jobs.get(job.id) is job and ppl_jobs.get("unknown") is None
+    _finished(ppl_jobs.start("a", "tiny", PPL_TEXT, 16))  # done: the page may start another
+
+
+def test_perplexity_panel_callbacks(tiny_llama):
+    """The panel's callbacks, called as Dash would: start, poll to the figure and caption; a refusal in the panel."""
+    from dash import html, no_update
+
+    app = create_app({"tiny": tiny_llama})
+    try:
+        start, poll = _callback(app, "start_perplexity"), _callback(app, "poll_perplexity")
+        job_id, poll_off, status, hidden, caption, button_off = start(1, "s", "tiny", PPL_TEXT, 200)
+        assert poll_off is False and hidden is True and button_off is True and "evaluating" in status
+        job = _finished(app.sinkscope.perplexity.get(job_id))
+        status, poll_off, fig, hidden, caption, button_off = poll(1, job_id)
+        assert (status, poll_off, hidden, button_off) == ("", True, False, False)
+        streaming = next(t for t in fig.data if t.name.startswith("streaming"))
+        assert list(streaming.x) == [0, 1, 2, 4, 8]
+        assert list(streaming.y) == pytest.approx([job.result.ppl_by_sinks[s] for s in (0, 1, 2, 4, 8)], rel=1e-12)
+        assert caption.startswith(f"tiny: {len(PPL_TEXT) + 1} text tokens · window 180 (the stream's W = 200 leaves "
+                                  "too few scored tokens in this text: the largest window that leaves 32) · "
+                                  "32 scored tokens · best: S = ")
+        assert f"dense {job.result.result('dense').ppl:.2f}" in caption
+
+        job_id, *_ = start(2, "s", "tiny", "Too short.", 24)
+        _finished(app.sinkscope.perplexity.get(job_id))
+        status, poll_off, fig, hidden, caption, button_off = poll(2, job_id)
+        assert isinstance(status, html.Span) and "needs at least 56" in status.children
+        assert fig is no_update and hidden is True and caption == "" and button_off is False
+
+        out = start(3, "s", "tiny", "", 24)  # refused at once, the poll left alone
+        assert out[0] is no_update and out[1] is no_update and "text is empty" in out[2].children
+        assert "gone from the server" in poll(3, "unknown")[0].children
+    finally:
+        app.sinkscope.streams.shutdown()
