@@ -659,8 +659,8 @@ def test_cli_report_validates_by_default(capsys, tmp_path_factory, text_file, tm
 def test_cli_report_notes_a_validation_that_cant_run(capsys, llama_dir, text_file, tmp_path) -> None:
     """By default, a validation that can't run (here: 256 + 8 positions on a 256-position model) is a note and
     the attention estimate stands; asked for with --validate, the same is an error."""
-    rc, stdout, err = cli(capsys, "report", str(llama_dir), "--prompt-file", str(text_file), "--k-max", "4",
-                          "--out", str(tmp_path / "r"))
+    rc, _, err = cli(capsys, "report", str(llama_dir), "--prompt-file", str(text_file), "--k-max", "4",
+                     "--out", str(tmp_path / "r"))
     assert rc == 0, err
     assert "note: no validation by streaming" in err and "context of 256" in err
     doc = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -732,3 +732,20 @@ def test_real_smollm2_switch_collapses_and_recovers(smollm2) -> None:
     steady, flipped = run(False), run(True)
     assert flipped[60:110].mean() > steady[60:110].mean() + 0.3, (flipped[60:110].mean(), steady[60:110].mean())
     assert abs(flipped[150:].mean() - steady[150:].mean()) < 0.05, (flipped[150:].mean(), steady[150:].mean())
+
+
+@pytest.mark.real
+@pytest.mark.parametrize(("name", "tokens", "window"), [
+    ("smollm2", 400, 64),
+    ("gemma3", 580, 32),  # past Gemma-3's 512-token local window: its local layers evict too
+])
+def test_real_one_pass_equals_token_by_token(name, tokens, window, request) -> None:
+    """The default one pass against token-by-token SinkCache streaming on the embedded models, per token."""
+    lm = request.getfixturevalue(name)
+    kwargs = dict(sinks=(4,), window=window, tokens=tokens, modes=("streaming",), progress=False)
+    fast = evaluate_stream(lm, **kwargs)
+    slow = evaluate_stream(lm, exact_stream=True, **kwargs)
+    assert fast.settings["streaming"] == "one pass" and slow.settings["streaming"] == "token by token"
+    a, b = fast.result("streaming", 4).nll, slow.result("streaming", 4).nll
+    assert len(a) == tokens - 4 - window
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
