@@ -139,8 +139,23 @@ class ModelPool:
 # ---------------------------------------------------------------------------------------------- analysis
 
 
+class _Timed:
+    """What a background job's dataclass shares: whether it is done and for how long it has run."""
+
+    started: float
+    finished: float | None
+
+    @property
+    def done(self) -> bool:
+        return self.finished is not None
+
+    @property
+    def elapsed(self) -> float:
+        return (self.finished or time.monotonic()) - self.started
+
+
 @dataclass
-class AnalysisJob:
+class AnalysisJob(_Timed):
     """One analysis running (or done) in a background thread."""
 
     id: str
@@ -150,14 +165,6 @@ class AnalysisJob:
     finished: float | None = None
     profile: SinkProfile | None = None
     error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finished is not None
-
-    @property
-    def elapsed(self) -> float:
-        return (self.finished or time.monotonic()) - self.started
 
 
 class Analyses:
@@ -251,7 +258,7 @@ def fit_window(n_tokens: int, window: int, sinks: tuple[int, ...] = PPL_SINKS) -
 
 
 @dataclass
-class PerplexityJob:
+class PerplexityJob(_Timed):
     """One perplexity-by-sinks evaluation of a stream's text, running (or done) in a background thread."""
 
     id: str
@@ -266,14 +273,6 @@ class PerplexityJob:
     method: str | None = None  # how streaming is computed: "one pass" or "token by token" (slower)
     result: StreamEval | None = None
     error: str | None = None
-
-    @property
-    def done(self) -> bool:
-        return self.finished is not None
-
-    @property
-    def elapsed(self) -> float:
-        return (self.finished or time.monotonic()) - self.started
 
 
 class PerplexityJobs:

@@ -337,7 +337,19 @@ class _LayerJob:
 
 _jobs: dict[int, _LayerJob] = {}  # id(attention module) -> job, for the modules inside a capture_stats block
 _jobs_lock = threading.Lock()
-_registered = False
+_registered: set[str] = set()
+
+
+def register_attention(name: str, function: Callable[..., Any], mask: Callable[..., Any]) -> None:
+    """Register an attention function and its mask builder with transformers under ``name``, once."""
+    if name in _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, mask)
+    _registered.add(name)
 
 
 def _stats_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -363,16 +375,10 @@ def _stats_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
 
 
 def _register() -> None:
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    from transformers.masking_utils import sdpa_mask
 
-    AttentionInterface.register(STATS_IMPLEMENTATION, _stats_attention)
     # The same masks as SDPA: none at all for plain causal attention, so SDPA keeps its fast causal kernels.
-    AttentionMaskInterface.register(STATS_IMPLEMENTATION, sdpa_mask)
-    _registered = True
+    register_attention(STATS_IMPLEMENTATION, _stats_attention, sdpa_mask)
 
 
 def stats_supported(model: nn.Module) -> str | None:

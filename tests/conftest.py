@@ -302,3 +302,13 @@ class Reference:
 @pytest.fixture(scope="session")
 def ref():
     return Reference
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module of tiny-model tests: they gain nothing from threads, and on a busy machine
+    OpenMP barriers make every op ~ms slow."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

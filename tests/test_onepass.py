@@ -20,11 +20,8 @@ from sinkscope.streaming.onepass import BandCache, onepass_nll
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Tiny models gain nothing from threads (conftest.one_torch_thread)."""
 
 
 def ids(n: int, seed: int = 0) -> list[int]:

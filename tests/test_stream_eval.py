@@ -85,12 +85,8 @@ def tiny_falcon_alibi(tok_nobos):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine OpenMP barriers make every op ~ms slow."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Tiny models gain nothing from threads (conftest.one_torch_thread)."""
 
 
 @pytest.fixture(scope="module")

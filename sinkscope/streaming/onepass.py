@@ -268,7 +268,6 @@ class BandCache(Cache):
 
 _jobs: dict[int, _BandLayer] = {}  # id(attention module) -> its layer, inside a one-pass block
 _jobs_lock = threading.Lock()
-_registered = False
 
 
 def _onepass_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -288,18 +287,6 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _register() -> None:
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
-    AttentionInterface.register(ONEPASS_IMPLEMENTATION, _onepass_attention)
-    AttentionMaskInterface.register(ONEPASS_IMPLEMENTATION, _no_mask)
-    _registered = True
-
-
 @contextmanager
 def onepass_attention(model: nn.Module, cache: BandCache) -> Iterator[set[int]]:
     """Route every attention layer of ``model`` to ``cache``'s band and sink attention inside the block.
@@ -307,10 +294,10 @@ def onepass_attention(model: nn.Module, cache: BandCache) -> Iterator[set[int]]:
     Yields the set of layers that attended (cleared by the caller per forward). The model's attention
     implementation is restored on exit, also on error.
     """
-    from ..capture import _attention_implementation
+    from ..capture import _attention_implementation, register_attention
     from ..scheme import attention_modules
 
-    _register()
+    register_attention(ONEPASS_IMPLEMENTATION, _onepass_attention, _no_mask)
     modules = attention_modules(model)
     seen: set[int] = set()
     mine: dict[int, _BandLayer] = {}
