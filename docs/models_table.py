@@ -34,7 +34,7 @@ Every row is a tiny random model of the family (transformers {version}, built fr
 | analyze | `analyze(mode="maps")` and, where served, `mode="stats"` | metrics of the eager maps in numpy | 1e-4 |
 | cache | `SinkCache` (2 sinks + a window of 8, or the layer's sliding window + 2), streamed past its first evictions, on the model cut to its first attention layer | a fresh forward without a cache over the kept tokens at positions 0 .. S+W-1 | 1e-4 relative |
 | streamer | `Streamer` per-token NLL on the same stream | NLL from those fresh forwards | 1e-4 relative |
-| onepass | the one-pass streaming evaluation (`eval-stream`'s default) of the whole model, 2 sinks + a window of 8 (or the sliding window + 2), in chunks shorter than the window | the same tokens streamed token by token through `SinkCache` (`--exact-stream`) | 1e-4 relative |
+| onepass | the one-pass streaming evaluation (`eval-stream`'s default) of the whole model, 2 sinks + a window of 8, in chunks of 3 (carried keys cross several chunks) | the same tokens streamed token by token through `SinkCache` (`--exact-stream`) | 1e-4 relative |
 
 **exact**: within the tolerance. **refused**: sinkscope raises a one-line `SinkscopeError` that names the
 family, the mode, why, and what works instead, before any work; it never returns numbers from a path that
