@@ -340,6 +340,24 @@ _jobs_lock = threading.Lock()
 _registered: set[str] = set()
 
 
+@contextmanager
+def routed_attention(model: nn.Module, implementation: str, registry: dict[int, Any], lock: threading.Lock,
+                     mine: dict[int, Any], what: str) -> Iterator[None]:
+    """Inside the block, the attention modules in ``mine`` (``id(module)`` -> job) find their job in
+    ``registry`` and ``model`` runs ``implementation``; both are undone on exit, also on error."""
+    with lock:
+        if set(mine) & set(registry):
+            raise CaptureError(f"this model is already inside {what} (in another thread?)")
+        registry.update(mine)
+    try:
+        with _attention_implementation(model, implementation):
+            yield
+    finally:
+        with lock:
+            for key in mine:
+                registry.pop(key, None)
+
+
 def register_attention(name: str, function: Callable[..., Any], mask: Callable[..., Any]) -> None:
     """Register an attention function and its mask builder with transformers under ``name``, once."""
     if name in _registered:
@@ -431,18 +449,8 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
     _register()
     buffers = _Buffers()
     mine = {id(modules[i]): _LayerJob(i, k_max, map_size, local, block_bytes, done, buffers) for i in selected}
-    with _jobs_lock:
-        busy = set(mine) & set(_jobs)
-        if busy:
-            raise CaptureError("this model is already inside a capture_stats block (in another thread?)")
-        _jobs.update(mine)
-    try:
-        with _attention_implementation(model, STATS_IMPLEMENTATION):
-            yield cap
-    finally:
-        with _jobs_lock:
-            for key in mine:
-                _jobs.pop(key, None)
+    with routed_attention(model, STATS_IMPLEMENTATION, _jobs, _jobs_lock, mine, "a capture_stats block"):
+        yield cap
     if cap.stats:  # a forward ran: every selected layer must have reached the attention function
         check_layer_count(scheme, set(cap.stats), selected, "stats")
 

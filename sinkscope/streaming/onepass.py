@@ -294,7 +294,7 @@ def onepass_attention(model: nn.Module, cache: BandCache) -> Iterator[set[int]]:
     Yields the set of layers that attended (cleared by the caller per forward). The model's attention
     implementation is restored on exit, also on error.
     """
-    from ..capture import _attention_implementation, register_attention
+    from ..capture import register_attention, routed_attention
     from ..scheme import attention_modules
 
     register_attention(ONEPASS_IMPLEMENTATION, _onepass_attention, _no_mask)
@@ -304,17 +304,8 @@ def onepass_attention(model: nn.Module, cache: BandCache) -> Iterator[set[int]]:
     for layer in cache.band_layers:
         layer.seen = seen
         mine[id(modules[layer.index])] = layer
-    with _jobs_lock:
-        if set(mine) & set(_jobs):
-            raise CaptureError("this model is already inside a one-pass evaluation (in another thread?)")
-        _jobs.update(mine)
-    try:
-        with _attention_implementation(model, ONEPASS_IMPLEMENTATION):
-            yield seen
-    finally:
-        with _jobs_lock:
-            for key in mine:
-                _jobs.pop(key, None)
+    with routed_attention(model, ONEPASS_IMPLEMENTATION, _jobs, _jobs_lock, mine, "a one-pass evaluation"):
+        yield seen
 
 
 # ----------------------------------------------------------------------------------------------------- driver
