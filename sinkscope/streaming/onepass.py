@@ -258,10 +258,6 @@ class BandCache(Cache):
             ly.start, ly.frame = start, frame
         return frame
 
-    def nbytes(self) -> int:
-        """Bytes of the kept sink and tail keys and values."""
-        return sum(t.nbytes for ly in self.band_layers for t in (ly.sink_k, ly.sink_v, ly.tail_k, ly.tail_v)
-                   if t is not None)
 
 
 # ------------------------------------------------------------------------------------- the attention function
