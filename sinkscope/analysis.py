@@ -71,6 +71,7 @@ class PromptResult:
     attention: AttentionMaps | None = None
     capture: str = "maps"  # how it was measured: "maps" (eager whole maps) or "stats" (statistics mode)
     beyond_context: bool = False  # longer than the model's trained context
+    row_pass: str | None = None  # statistics mode: which row pass computed it (one line per distinct pass)
 
 
 @dataclass
@@ -613,8 +614,9 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
         long = [ids for ids in encoded if int(ids.shape[1]) > STATS_FROM_TOKENS]
         if unsupported and long:  # long prompts that statistics mode would have taken: say why it didn't
             settings["stats_fallback"] = unsupported
-    if "stats" in modes:
-        settings["row_pass"] = _native.describe(device)
+    if "stats" in modes:  # what ran: the GPU's Triton kernel, the CPU's C pass or torch operations (and why)
+        ran = list(dict.fromkeys(r.row_pass for r in results if r.row_pass))
+        settings["row_pass"] = "; ".join(ran) if ran else _native.describe(device)
     return SinkProfile(model=spec, prompts=results, layers=layer_list, k_max=k_max, settings=settings,
                        recommendation=rec, threshold=threshold)
 
@@ -734,6 +736,7 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
     learned = attention_scheme(lm.model).learned_sinks
     lsm = np.zeros((n_l, n_h)) if learned else None
     received = np.zeros(t)
+    passes: list[str] = []
     row_of = {layer: i for i, layer in enumerate(layers)}
     pooled: list[Any] = [None] * n_l
     bins: list[tuple[int, int]] = []
@@ -761,6 +764,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         received[:] += st.received.total
         if map_size:
             pooled[i], bins = st.pooled, st.bins or []
+        if st.row_pass and st.row_pass not in passes:
+            passes.append(st.row_pass)
         bar.update(1)
 
     base = getattr(lm.model, "base_model", None) or lm.model  # skip the LM head: logits are T x vocab floats
@@ -785,7 +790,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         attention = AttentionMaps(maps=maps, bins=bins, labels=labels)
     return PromptResult(name=prompt.name, n_tokens=t, tokens=tokens, first_token_mass=ftm, sink_mass=sm,
                         entropy=ent, sink_positions=positions, learned_sink_mass=lsm, attention=attention,
-                        capture=mode, beyond_context=bool(spec.max_positions and t > spec.max_positions))
+                        capture=mode, beyond_context=bool(spec.max_positions and t > spec.max_positions),
+                        row_pass="; ".join(passes) or None)
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:

@@ -18,7 +18,10 @@ Two ways in:
   soft-capped logits (Gemma-2's ``softcap``), learned per-head sink logits (gpt-oss's ``s_aux``: one more
   outcome of every softmax, measured as the learned-sink mass), value heads narrower than the keys
   (DeepSeek's MLA). Layers left out of ``layers`` run plain SDPA, or, where SDPA would be wrong (``s_aux``)
-  or refuses (``softcap``), the same exact blocked attention without statistics.
+  or refuses (``softcap``), the same exact blocked attention without statistics. On a CUDA device the
+  layers go through the GPU row pass instead (:mod:`sinkscope._gpu`: attention with its log-sum-exp, then
+  one Triton kernel for every statistic); where it can't serve a call (no Triton, a padding mask, ...) the
+  torch path runs, and each layer's ``LayerStats.row_pass`` says which ran and why.
 
 Either way the user's attention implementation is restored when the block exits, also on error.
 """
@@ -35,6 +38,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _gpu, _native
 from .errors import CaptureError
 from .metrics import LOCAL_WINDOW, ChunkedStats, LayerStats
 from .scheme import attention_modules, attention_scheme, check_layer_count
@@ -192,12 +196,38 @@ def default_block_bytes(device: torch.device | str) -> int:
 
 @dataclass
 class StatsCapture:
-    """What a :func:`capture_stats` block measured: ``stats[layer]`` for every captured layer."""
+    """What a :func:`capture_stats` block measured: ``stats[layer]`` for every captured layer.
+
+    Layers measured by the GPU row pass stay on the device until ``stats`` is read (or the block exits), then
+    come to the host in one copy: a copy per layer would stall the GPU once per layer."""
 
     layers: list[int]
     k_max: int
-    stats: dict[int, LayerStats] = field(default_factory=dict)
     tokens: int | None = None
+    _stats: dict[int, LayerStats] = field(default_factory=dict, repr=False)
+    _pending: list[Any] = field(default_factory=list, repr=False)
+    _on_layer: Callable[[int, LayerStats], None] | None = field(default=None, repr=False)
+
+    @property
+    def stats(self) -> dict[int, LayerStats]:
+        """Layer index -> its statistics, for the last forward pass run inside the block."""
+        self.flush()
+        return self._stats
+
+    def add(self, layer: int, stats: LayerStats) -> None:
+        """Record one layer's finished statistics (and tell ``on_layer``)."""
+        self._stats[layer] = stats
+        self.tokens = len(stats.received.total)
+        if self._on_layer is not None:
+            self._on_layer(layer, stats)
+
+    def flush(self) -> None:
+        """Bring the GPU row pass's pending layers to the host (one copy per device)."""
+        if self._pending:
+            pending = list(self._pending)
+            self._pending.clear()  # in place: the layers' jobs hold this list's append
+            for item, stats in zip(pending, _gpu.finish(pending), strict=True):
+                self.add(item.layer, stats)
 
 
 class _Buffers:
@@ -223,10 +253,14 @@ class _LayerJob:
     """Statistics of one attention module for the forward pass in flight."""
 
     def __init__(self, layer: int, k_max: int, map_size: int | None, local: int, block_bytes: int | None,
-                 done: Callable[[int, LayerStats], None], buffers: _Buffers | None = None) -> None:
+                 done: Callable[[int, LayerStats], None], buffers: _Buffers | None = None, kind: str = "full",
+                 window: int | None = None, defer: Callable[[Any], None] | None = None) -> None:
         self.layer, self.k_max, self.map_size, self.local = layer, k_max, map_size, local
         self.block_bytes, self.done = block_bytes, done
         self.buffers = buffers or _Buffers()
+        self.kind, self.window = kind, window  # the layer's kind and sliding window, from the scheme
+        # Takes the GPU row pass's statistics while they are still on the device (default: finish at once).
+        self.defer = defer or (lambda pending: self.done(self.layer, _gpu.finish([pending])[0]))
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                 scaling: float | None, softcap: float | None, sink: torch.Tensor | None = None) -> torch.Tensor:
@@ -249,6 +283,12 @@ class _LayerJob:
         group = h // h_kv
         scale = scaling if scaling is not None else d ** -0.5
         bins = pool_bins(t, self.map_size) if self.map_size else None
+        why_not = _gpu.unusable(query, key, value, mask, self.kind, self.window)
+        if why_not is None:  # the GPU row pass: attention with its LSE, then one kernel for the statistics
+            out, pending = _gpu.row_pass(query, key, value, scale=scale, softcap=softcap, window=self.window,
+                                         sink=sink, k_max=self.k_max, local=self.local, bins=bins, layer=self.layer)
+            self.defer(pending)
+            return out
         acc = ChunkedStats(h, t, self.k_max, local=self.local, bins=bins, device=query.device,
                            scratch=self.buffers.shaped(query.device))
         # [kv heads, D, T], scaled: a contiguous GEMM operand, and a third of the copy that scaling the
@@ -287,7 +327,11 @@ class _LayerJob:
             o = torch.matmul(probs.view(h_kv, group * c, q1), values[:, :q1])  # [kv, group * c, D_v]
             out[q0:q1] = o.view(h, c, d_v).transpose(0, 1)
             q0 = q1
-        self.done(self.layer, acc.finish())
+        stats = acc.finish()
+        stats.row_pass = _native.describe(query.device)
+        if query.is_cuda:
+            stats.row_pass += f": the GPU row pass can't serve it ({why_not})"
+        self.done(self.layer, stats)
         return out.unsqueeze(0)
 
     @staticmethod
@@ -424,7 +468,8 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
         local: queries this close to a key are left out of the received mass.
         block_bytes: memory for one block of query rows (scores and probabilities); smaller is leaner, not
             less exact (default: :func:`default_block_bytes` of each layer's device; at least one row).
-        on_layer: called as ``on_layer(layer, stats)`` as soon as a layer is done.
+        on_layer: called as ``on_layer(layer, stats)`` as soon as a layer is done (layers of the GPU row pass:
+            when the forward's statistics come to the host, as the block exits or ``stats`` is read).
 
     Example::
 
@@ -438,17 +483,12 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
         raise CaptureError(f"block_bytes must be positive, got {block_bytes}")
     modules = find_attention_modules(model)
     selected = scheme.select_layers(layers)
-    cap = StatsCapture(layers=selected, k_max=k_max)
-
-    def done(layer: int, stats: LayerStats) -> None:
-        cap.stats[layer] = stats
-        cap.tokens = len(stats.received.total)
-        if on_layer is not None:
-            on_layer(layer, stats)
-
+    cap = StatsCapture(layers=selected, k_max=k_max, _on_layer=on_layer)
     _register()
     buffers = _Buffers()
-    mine = {id(modules[i]): _LayerJob(i, k_max, map_size, local, block_bytes, done, buffers) for i in selected}
+    mine = {id(modules[i]): _LayerJob(i, k_max, map_size, local, block_bytes, cap.add, buffers,
+                                      scheme.layers[i].kind, scheme.layers[i].window, cap._pending.append)
+            for i in selected}
     with routed_attention(model, STATS_IMPLEMENTATION, _jobs, _jobs_lock, mine, "a capture_stats block"):
         yield cap
     if cap.stats:  # a forward ran: every selected layer must have reached the attention function

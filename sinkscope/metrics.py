@@ -178,7 +178,8 @@ class LayerStats:
     q >= K; ``received`` is :func:`received_mass` of the layer; ``pooled`` (if bins were given) is
     :func:`sinkscope.capture.pool_map` of every head's map, ``[H, bins, bins]``. ``learned_sink_mass``
     ``[H]`` is :func:`learned_sink_mass` for a layer whose softmax had learned sink logits (gpt-oss), whose
-    ``entropy`` is then ``entropy(..., learned_sink=True)``; None for a layer without them.
+    ``entropy`` is then ``entropy(..., learned_sink=True)``; None for a layer without them. ``row_pass``: which
+    row pass computed the layer (the GPU's Triton kernel, the CPU's C pass or torch operations, and why).
     """
 
     first_token_mass: np.ndarray
@@ -188,6 +189,7 @@ class LayerStats:
     pooled: np.ndarray | None
     bins: list[tuple[int, int]] | None
     learned_sink_mass: np.ndarray | None = None
+    row_pass: str | None = None  # what computed it (statistics mode says; see sinkscope.capture)
 
 
 class ChunkedStats:

@@ -1,0 +1,235 @@
+"""Triton kernels of the GPU row pass (imported only where Triton is installed).
+
+* :func:`stats_kernel`: one layer's statistics from its queries, keys and each row's log-sum-exp. It recomputes
+  Q K^T tile by tile on tensor cores (fp32 accumulation) and, with ``p = exp(s - lse)`` exact, keeps per head
+  and key the sum of ``p * s`` (the entropy is ``lse - sum(p s)``), the column sums of the distant rows
+  (received mass) and of the first K keys, and the pooled map. No softmax pass and no T x T tensor: the LSE
+  makes every probability one exponential. Each program owns a block of keys and runs down the rows, so
+  every statistic is a column sum kept in registers: summing a tile's columns across warps and adding them
+  with atomics per tile cost 7x the rest (measured on an H200).
+* :func:`forward_kernel`: attention output and LSE (online softmax) for what no torch backend returns an LSE
+  for: soft-capped logits, sliding windows without flash attention, float32 without efficient attention.
+
+Both take one sequence (batch of one), heads grouped over key/value heads (GQA: query head h reads key head
+h // group), causal attention with an optional sliding window (key j visible from row q when
+q - window < j <= q).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _scores(q, k_ptrs, cols, T, scale, softcap, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr,
+            D_MASK: tl.constexpr, d_ok):
+    """One tile of scaled (and soft-capped) scores ``[BM, BN]`` in fp32."""
+    if D_MASK:
+        k = tl.load(k_ptrs, mask=(cols[:, None] < T) & d_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+    if DOT_F32:  # noqa: SIM108  (constexpr branches, resolved when the kernel is compiled)
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(q, tl.trans(k))
+    s = s * scale
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1), finite for every x (exp overflows to inf and gives 1).
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    return s
+
+
+@triton.jit
+def _flush(col, rb, cols, h, T, NB, POOL, done):
+    """Store the key block's column sums ``col`` of query bin ``rb`` where ``done`` (the bin is complete): the
+    program owns these columns and finishes each bin once, so a plain store, predicated rather than branched
+    (a branch in the loop would stop Triton from pipelining its loads)."""
+    tl.store(POOL + (h * NB + rb) * T + cols, col, mask=(cols < T) & done)
+
+
+@triton.jit
+def _stats_tile(k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, softcap, WINDOW, K_MAX,
+                LOCAL, recv, ent, first, cur, c, POOL, NB,
+                BQ: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr,
+                HAS_WINDOW: tl.constexpr, BINS: tl.constexpr, QB: tl.constexpr, D_MASK: tl.constexpr):
+    """Query rows ``m0 .. m0 + BQ`` against the program's keys: scores ``[keys, rows]``, so that every sum over
+    rows (a column sum of the attention map) stays inside a warp, and nothing is reduced across warps per tile."""
+    rows = m0 + tl.arange(0, BQ)
+    if D_MASK:
+        q = tl.load(Q + h * sq_h + rows[:, None] * sq_t + dims[None, :], mask=(rows[:, None] < T) & d_ok[None, :],
+                    other=0.0)
+    else:
+        q = tl.load(Q + h * sq_h + rows[:, None] * sq_t + dims[None, :], mask=rows[:, None] < T, other=0.0)
+    if DOT_F32:  # noqa: SIM108  (constexpr branches, resolved when the kernel is compiled)
+        s = tl.dot(k, tl.trans(q.to(tl.float32)), input_precision="ieee")
+    else:
+        s = tl.dot(k, tl.trans(q))
+    s = s * scale
+    if SOFTCAP:
+        # tanh(x) = 1 - 2 / (exp(2x) + 1), finite for every x (exp overflows to inf and gives 1).
+        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    lse2 = tl.load(LSE + h * T + rows, mask=rows < T, other=0.0) * 1.4426950408889634
+    p = tl.exp2(s * 1.4426950408889634 - lse2[None, :])
+    if MASKED:
+        valid = (rows[None, :] >= cols[:, None]) & (rows[None, :] < T)
+        if HAS_WINDOW:
+            valid = valid & (rows[None, :] - cols[:, None] < WINDOW)
+        p = tl.where(valid, p, 0.0)
+        counted = rows[None, :] >= K_MAX
+        ent += tl.sum(tl.where(counted, p * s, 0.0), axis=1)
+        recv += tl.sum(tl.where(counted & (rows[None, :] - cols[:, None] >= LOCAL), p, 0.0), axis=1)
+        first += tl.sum(tl.where(counted, p, 0.0), axis=1)  # (kept by the programs of keys < K only)
+        colsum = tl.sum(p, axis=1)
+    else:
+        ent += tl.sum(p * s, axis=1)
+        colsum = tl.sum(p, axis=1)
+        recv += colsum
+        first += colsum
+    if BINS:
+        # The tile's first and last query bins, from the rows' bins (loaded like the LSE, reduced in a warp).
+        # Branch-free: the sums of the bins after the first (QB - 1 of them) are formed whether or not the tile
+        # reaches them (they are zero then), and stores are predicated.
+        row_bin = tl.load(QBIN + rows, mask=rows < T, other=-1)
+        last = tl.max(row_bin, axis=0)
+        f = tl.min(tl.where(rows < T, row_bin, 2147483647), axis=0)
+        zero = cols * 0
+        new_bin = zero + f != c
+        _flush(cur, c, cols, h, T, NB, POOL, new_bin)  # the tile starts a later bin: cur's is complete
+        cur = tl.where(new_bin, 0.0, cur)
+        rest = tl.zeros_like(cur)
+        tail = tl.zeros_like(cur)
+        for j in tl.static_range(1, QB):
+            part = tl.sum(tl.where(row_bin[None, :] == f + j, p, 0.0), axis=1)
+            rest += part
+            _flush(part, f + j, cols, h, T, NB, POOL, zero + f + j < last)
+            tail = tl.where(zero + f + j == last, part, tail)
+        head = colsum - rest + cur
+        _flush(head, f, cols, h, T, NB, POOL, zero + f < last)
+        cur = tl.where(zero + f == last, head, tail)
+        c = last
+    return recv, ent, first, cur, c
+
+
+@triton.jit
+def stats_kernel(Q, Kt, LSE, ENT, RECV, FIRST, POOL, QBIN,
+                 T, NB, GROUP, scale, softcap, WINDOW, K_MAX, LOCAL,
+                 sq_h, sq_t, sk_h, sk_t,
+                 D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
+                 DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, BINS: tl.constexpr,
+                 QB: tl.constexpr):
+    """Grid ``(cdiv(T, BK), heads)``: each program owns ``BK`` keys of one head and runs down the query rows that
+    see them. ``Q`` ``[heads, T, D]`` and ``Kt`` ``[kv heads, T, D]`` by strides (last dim contiguous); ``LSE``
+    ``[heads, T]`` fp32, natural log, over every outcome of the row's softmax (keys and a learned sink).
+
+    Writes, per head and key j: ``ENT[h, j]`` = sum over rows q >= K of p s, ``RECV[h, j]`` = sum of p over rows
+    q >= max(K, j + LOCAL), ``FIRST[h, j]`` (j < K) = sum of p over rows q >= K; with ``BINS``, ``POOL[h, a, j]``
+    = the sum of p over the rows of query bin a (``QBIN`` maps a position to its bin; ``QB``: the most bins one
+    tile of rows spans), summed over key bins afterwards."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    n0 = pid * BK
+    cols = n0 + tl.arange(0, BK)
+    dims = tl.arange(0, DP)
+    d_ok = dims < D
+    D_MASK: tl.constexpr = DP != D
+    k_mask = (cols[:, None] < T) & d_ok[None, :] if D_MASK else cols[:, None] < T
+    k = tl.load(Kt + hk * sk_h + cols[:, None] * sk_t + dims[None, :], mask=k_mask, other=0.0)
+    if DOT_F32:
+        k = k.to(tl.float32)
+    start = n0 // BQ * BQ
+    end = T
+    if HAS_WINDOW:
+        end = tl.minimum(T, n0 + BK - 1 + WINDOW)
+    # Rows [a, b) are interior: every (key, row) pair visible, distant (q - j >= LOCAL) and counted (q >= K),
+    # so they need no masks. The rest ([start, a): the diagonal, [b, end): the window's edge and the last
+    # partial tile) are masked.
+    a = (tl.maximum(n0 + BK - 1 + LOCAL, K_MAX) + BQ - 1) // BQ * BQ
+    a = tl.minimum(tl.maximum(a, start), end)
+    b = T // BQ * BQ
+    if HAS_WINDOW:
+        b = tl.minimum(b, (n0 + WINDOW) // BQ * BQ)
+    b = tl.maximum(b, a)
+    recv = tl.zeros([BK], dtype=tl.float32)
+    ent = tl.zeros([BK], dtype=tl.float32)
+    first = tl.zeros([BK], dtype=tl.float32)
+    cur = tl.zeros([BK], dtype=tl.float32)
+    c = 0
+    if BINS:
+        c = tl.load(QBIN + start)
+    for m0 in range(start, a, BQ):
+        recv, ent, first, cur, c = _stats_tile(
+            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, softcap, WINDOW, K_MAX, LOCAL,
+            recv, ent, first, cur, c, POOL, NB, BQ, True, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB, D_MASK)
+    for m0 in range(a, b, BQ):
+        recv, ent, first, cur, c = _stats_tile(
+            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, softcap, WINDOW, K_MAX, LOCAL,
+            recv, ent, first, cur, c, POOL, NB, BQ, False, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB, D_MASK)
+    for m0 in range(b, end, BQ):
+        recv, ent, first, cur, c = _stats_tile(
+            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, softcap, WINDOW, K_MAX, LOCAL,
+            recv, ent, first, cur, c, POOL, NB, BQ, True, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB, D_MASK)
+    if BINS:
+        _flush(cur, c, cols, h, T, NB, POOL, cols >= 0)
+    tl.store(RECV + h * T + cols, recv, mask=cols < T)
+    tl.store(ENT + h * T + cols, ent, mask=cols < T)
+    if n0 < K_MAX:
+        tl.store(FIRST + h * K_MAX + cols, first, mask=cols < K_MAX)
+
+
+@triton.jit
+def forward_kernel(Q, Kt, V, Out, LSE, T, GROUP, scale, softcap, WINDOW,
+                   sq_h, sq_t, sk_h, sk_t, sv_h, sv_t, so_t, so_h,
+                   D: tl.constexpr, DP: tl.constexpr, DV: tl.constexpr, DVP: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr,
+                   HAS_WINDOW: tl.constexpr):
+    """Grid ``(cdiv(T, BM), heads)``: ``Out[q, h]`` (``[T, heads, DV]`` by strides, the model's dtype) and
+    ``LSE[h, q]`` (fp32, natural log) of causal attention with an optional window and soft-cap."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // GROUP
+    m0 = pid_m * BM
+    rows = m0 + tl.arange(0, BM)
+    dims = tl.arange(0, DP)
+    d_ok = dims < D
+    D_MASK: tl.constexpr = DP != D
+    dv = tl.arange(0, DVP)
+    q = tl.load(Q + h * sq_h + rows[:, None] * sq_t + dims[None, :], mask=(rows[:, None] < T) & d_ok[None, :],
+                other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    acc = tl.zeros([BM, DVP], dtype=tl.float32)
+    hi = tl.minimum(T, m0 + BM)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 - WINDOW + 1, 0) // BN * BN
+    for n0 in range(lo, hi, BN):
+        cols = n0 + tl.arange(0, BN)
+        s = _scores(q, Kt + hk * sk_h + cols[:, None] * sk_t + dims[None, :], cols, T, scale, softcap, DOT_F32,
+                    SOFTCAP, D_MASK, d_ok)
+        valid = (cols[None, :] <= rows[:, None]) & (cols[None, :] < T)
+        if HAS_WINDOW:
+            valid = valid & (cols[None, :] > rows[:, None] - WINDOW)
+        s2 = tl.where(valid, s * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows past T see no key
+        p = tl.exp2(s2 - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(V + hk * sv_h + cols[:, None] * sv_t + dv[None, :], mask=(cols[:, None] < T) & (dv[None, :] < DV),
+                    other=0.0)
+        if DOT_F32:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    tl.store(Out + rows[:, None] * so_t + h * so_h + dv[None, :], out.to(Out.dtype.element_ty),
+             mask=(rows[:, None] < T) & (dv[None, :] < DV))
+    tl.store(LSE + h * T + rows, (m_i + tl.log2(l_safe)) / 1.4426950408889634, mask=rows < T)
