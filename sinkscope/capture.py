@@ -285,10 +285,15 @@ class _LayerJob:
         bins = pool_bins(t, self.map_size) if self.map_size else None
         why_not = _gpu.unusable(query, key, value, mask, self.kind, self.window)
         if why_not is None:  # the GPU row pass: attention with its LSE, then one kernel for the statistics
-            out, pending = _gpu.row_pass(query, key, value, scale=scale, softcap=softcap, window=self.window,
-                                         sink=sink, k_max=self.k_max, local=self.local, bins=bins, layer=self.layer)
-            self.defer(pending)
-            return out
+            try:
+                out, pending = _gpu.row_pass(query, key, value, scale=scale, softcap=softcap, window=self.window,
+                                             sink=sink, k_max=self.k_max, local=self.local, bins=bins,
+                                             layer=self.layer)
+            except Exception as exc:  # a kernel this GPU or Triton can't build: measure with the torch path
+                why_not = _gpu.broken(exc)
+            else:
+                self.defer(pending)
+                return out
         acc = ChunkedStats(h, t, self.k_max, local=self.local, bins=bins, device=query.device,
                            scratch=self.buffers.shaped(query.device))
         # [kv heads, D, T], scaled: a contiguous GEMM operand, and a third of the copy that scaling the
@@ -329,7 +334,7 @@ class _LayerJob:
             q0 = q1
         stats = acc.finish()
         stats.row_pass = _native.describe(query.device)
-        if query.is_cuda:
+        if why_not and why_not != "not on a CUDA device":
             stats.row_pass += f": the GPU row pass can't serve it ({why_not})"
         self.done(self.layer, stats)
         return out.unsqueeze(0)

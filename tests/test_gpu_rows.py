@@ -191,3 +191,20 @@ def test_without_the_gpu_row_pass_the_cpu_says_what_ran(tiny_llama, ref, monkeyp
     with capture_stats(tiny_llama.model, k_max=4) as cap, torch.no_grad():
         tiny_llama.model(input_ids=ids, use_cache=False)
     assert all("Triton" not in st.row_pass for st in cap.stats.values())
+
+
+def test_a_kernel_that_fails_falls_back_to_the_torch_path(tiny_llama, ref, gpu_rows, monkeypatch):
+    """A kernel that can't be built on this GPU or Triton: the torch path measures, and says why."""
+    def fail(*args, **kwargs):
+        raise RuntimeError("no kernel for this GPU")
+
+    monkeypatch.setattr(_gpu, "row_pass", fail)
+    monkeypatch.setattr(_gpu, "_broken", None)
+    ids = ref.encode(tiny_llama, TEXT_60)
+    maps = ref.eager_attentions(tiny_llama.model, ids)
+    with capture_stats(tiny_llama.model, k_max=4) as cap, torch.no_grad():
+        tiny_llama.model(input_ids=ids, use_cache=False)
+    for layer, st in cap.stats.items():
+        assert "no kernel for this GPU" in st.row_pass and "Triton statistics kernel" not in st.row_pass
+        np.testing.assert_allclose(st.first_token_mass, ref.first_token_mass(maps[layer], 4), atol=1e-6)
+    assert "failed here" in _gpu.unusable(ids[None].float(), ids[None].float(), ids[None].float(), None, "full", None)

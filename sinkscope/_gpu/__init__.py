@@ -57,6 +57,19 @@ def triton_missing() -> str | None:
     return None
 
 
+_broken: str | None = None  # why the kernels failed to build or run in this process (then not tried again)
+
+
+def broken(exc: BaseException) -> str:
+    """Record that the GPU row pass failed with ``exc`` (a kernel this GPU or Triton version can't build) and
+    return the reason that statistics mode reports; later calls go to the torch path at once."""
+    global _broken
+    first = str(exc).strip().splitlines()
+    _broken = f"it failed here ({type(exc).__name__}: {first[0][:160] if first else ''})"
+    log.warning("statistics mode: the GPU row pass %s; using the torch path", _broken)
+    return _broken
+
+
 def unusable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
              kind: str, window: int | None) -> str | None:
     """Why the GPU row pass can't serve this attention call (None when it can), as a short clause."""
@@ -68,6 +81,8 @@ def unusable(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: 
     missing = triton_missing()
     if missing:
         return missing
+    if _broken:
+        return _broken
     if query.dtype not in DTYPES or key.dtype != query.dtype or value.dtype != query.dtype:
         return f"{query.dtype} is not bfloat16, float16 or float32"
     if max(query.shape[-1], value.shape[-1]) > MAX_HEAD_DIM:
