@@ -175,7 +175,7 @@ def _efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
 
 # The statistics kernel's (query rows per tile, keys per program, warps, stages) on a GPU; benchmarks/capture_gpu.py
 # --tiles tries others.
-TILES = (64, 128, 8, 3)
+TILES = (64, 128, 4, 3)  # the fastest of those tried at 8k and 32k on an H200 (docs/performance.md)
 
 
 def _blocks(t: int, device: torch.device) -> tuple[int, int, int, int]:
