@@ -24,22 +24,28 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _scores(q, k_ptrs, cols, T, scale, softcap, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr,
-            D_MASK: tl.constexpr, d_ok):
-    """One tile of scaled (and soft-capped) scores ``[BM, BN]`` in fp32."""
-    if D_MASK:
-        k = tl.load(k_ptrs, mask=(cols[:, None] < T) & d_ok[None, :], other=0.0)
+def _product(a, b, scale, softcap, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr):
+    """``a @ b^T`` in fp32, scaled and soft-capped: a tile of scores (rows of ``a`` against rows of ``b``)."""
+    if DOT_F32:
+        s = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
     else:
-        k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
-    if DOT_F32:  # noqa: SIM108  (constexpr branches, resolved when the kernel is compiled)
-        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+        s = tl.dot(a, tl.trans(b))
     s = s * scale
     if SOFTCAP:
         # tanh(x) = 1 - 2 / (exp(2x) + 1), finite for every x (exp overflows to inf and gives 1).
         s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
     return s
+
+
+@triton.jit
+def _scores(q, k_ptrs, cols, T, scale, softcap, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr,
+            D_MASK: tl.constexpr, d_ok):
+    """One tile of scores ``[rows, keys]`` of the forward: the keys at ``k_ptrs`` loaded (zero past T)."""
+    if D_MASK:
+        k = tl.load(k_ptrs, mask=(cols[:, None] < T) & d_ok[None, :], other=0.0)
+    else:
+        k = tl.load(k_ptrs, mask=cols[:, None] < T, other=0.0)
+    return _product(q, k, scale, softcap, DOT_F32, SOFTCAP)
 
 
 @triton.jit
@@ -63,14 +69,7 @@ def _stats_tile(k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, sca
                     other=0.0)
     else:
         q = tl.load(Q + h * sq_h + rows[:, None] * sq_t + dims[None, :], mask=rows[:, None] < T, other=0.0)
-    if DOT_F32:  # noqa: SIM108  (constexpr branches, resolved when the kernel is compiled)
-        s = tl.dot(k, tl.trans(q.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(k, tl.trans(q))
-    s = s * scale
-    if SOFTCAP:
-        # tanh(x) = 1 - 2 / (exp(2x) + 1), finite for every x (exp overflows to inf and gives 1).
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+    s = _product(k, q, scale, softcap, DOT_F32, SOFTCAP)
     lse2 = tl.load(LSE + h * T + rows, mask=rows < T, other=0.0) * 1.4426950408889634
     p = tl.exp2(s * 1.4426950408889634 - lse2[None, :])
     if MASKED:
