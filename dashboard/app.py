@@ -160,6 +160,7 @@ def _layout(svc: Services) -> html.Div:
                 _graph("head-map", 540),
                 _graph("sink-curves", 430),
                 _graph("sink-positions", 360),
+                _graph("activations", 340),
             ], className="pane"),
             html.Section([
                 html.H2("Live stream"),
@@ -288,13 +289,13 @@ def _register(app: Dash, svc: Services) -> None:
     @app.callback(Output("analysis-status", "children", allow_duplicate=True),
                   Output("analysis-poll", "disabled", allow_duplicate=True),
                   Output("heatmap", "figure"), Output("sink-curves", "figure"), Output("sink-positions", "figure"),
-                  Output("recommendation", "children"), Output("head", "data"),
+                  Output("activations", "figure"), Output("recommendation", "children"), Output("head", "data"),
                   Output("heatmap-view", "options"), Output("heatmap-view", "value"),
                   Output("heatmap-views", "hidden"),
                   Input("analysis-poll", "n_intervals"), State("analysis-job", "data"), State("heatmap-view", "value"),
                   prevent_initial_call=True)
     def poll_analysis(_n: int, job_id: str | None, view: str | None):
-        keep = (no_update,) * 8
+        keep = (no_update,) * 9
         job = analyses.get(job_id)
         if job is None:
             return (html.Span("This analysis is gone from the server (it restarted); press Analyze again.",
@@ -313,7 +314,8 @@ def _register(app: Dash, svc: Services) -> None:
         views = heatmap_views(p)
         shown = view if view in views else views[0]  # a learned-sink view stays picked while the model has one
         return (status, True, _heatmap(p, shown), plots.sink_mass_curves(p),
-                plots.sink_positions_chart(p), recommendation_markdown(p), {"layer": layer, "head": head},
+                plots.sink_positions_chart(p), plots.massive_activations(p), recommendation_markdown(p),
+                {"layer": layer, "head": head},
                 _view_options(views), shown if shown != view else no_update, len(views) < 2)
 
     @app.callback(Output("heatmap", "figure", allow_duplicate=True), Input("heatmap-view", "value"),

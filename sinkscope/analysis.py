@@ -13,7 +13,15 @@ import numpy as np
 import torch
 
 from . import _native, metrics
-from .capture import CPU_BLOCK_BYTES, capture, capture_stats, default_block_bytes, pool_map, stats_supported
+from .capture import (
+    CPU_BLOCK_BYTES,
+    capture,
+    capture_activations,
+    capture_stats,
+    default_block_bytes,
+    pool_map,
+    stats_supported,
+)
 from .errors import CaptureError, ConfigError, PromptError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
@@ -55,6 +63,52 @@ class AttentionMaps:
 
 
 @dataclass
+class MassiveActivations:
+    """Each decoder layer's output on one prompt, summarised (:func:`sinkscope.metrics.layer_activations`).
+
+    Rows are decoder layers 0..L-1 (all of them, whatever ``SinkProfile.layers`` holds): ``norms`` ``[L, T]``
+    each token's residual norm; ``median`` ``[L]`` the median magnitude of an activation; ``top_values``,
+    ``top_tokens``, ``top_dims`` ``[L, N]`` the N largest activations by magnitude and where they are."""
+
+    norms: np.ndarray
+    median: np.ndarray
+    top_values: np.ndarray
+    top_tokens: np.ndarray
+    top_dims: np.ndarray
+
+    @property
+    def ratio(self) -> np.ndarray:
+        """``[L]``: each layer's largest magnitude over its median magnitude."""
+        with np.errstate(divide="ignore"):
+            return np.abs(self.top_values[:, 0]) / self.median
+
+    @property
+    def massive(self) -> np.ndarray:
+        """``[L]`` bool: layers with a massive activation (Sun et al. 2024: >= 1000x the median and >= 100)."""
+        return (np.abs(self.top_values[:, 0]) >= metrics.MASSIVE_MIN) & (self.ratio >= metrics.MASSIVE_RATIO)
+
+    @property
+    def first_massive_layer(self) -> int | None:
+        """The first layer with a massive activation, None if none has one."""
+        hits = np.flatnonzero(self.massive)
+        return int(hits[0]) if hits.size else None
+
+    def to_dict(self, tokens: list[str]) -> dict[str, Any]:
+        """The ``activations`` entry of report.json for one prompt (``tokens``: the prompt's token texts)."""
+        med_norm = np.median(self.norms, axis=1)
+        rows = []
+        for i in range(len(self.median)):
+            top = [{"token": int(t), "text": tokens[int(t)] if int(t) < len(tokens) else "", "dim": int(d),
+                    "value": float(v)}
+                   for v, t, d in zip(self.top_values[i], self.top_tokens[i], self.top_dims[i], strict=True)]
+            rows.append({"layer": i, "median": float(self.median[i]), "ratio": float(self.ratio[i]),
+                         "massive": bool(self.massive[i]), "top": top,
+                         "first_token_norm": float(self.norms[i, 0]), "median_token_norm": float(med_norm[i]),
+                         "max_token_norm": float(self.norms[i].max()), "max_norm_token": int(self.norms[i].argmax())})
+        return {"first_massive_layer": self.first_massive_layer, "layers": rows}
+
+
+@dataclass
 class PromptResult:
     """Everything measured on one prompt. Arrays are indexed by row of ``SinkProfile.layers`` and head."""
 
@@ -72,6 +126,8 @@ class PromptResult:
     capture: str = "maps"  # how it was measured: "maps" (eager whole maps) or "stats" (statistics mode)
     beyond_context: bool = False  # longer than the model's trained context
     row_pass: str | None = None  # statistics mode: which row pass computed it (one line per distinct pass)
+    activations: MassiveActivations | None = None  # each decoder layer's residual stream, summarised
+    activations_unavailable: str | None = None  # why ``activations`` is None (layers without one stream)
 
 
 @dataclass
@@ -211,6 +267,8 @@ class SinkProfile:
             "learned_sink_mass": None if (lsm := self.learned_sink_mass) is None else _round(lsm),
             "sink_positions": [{"prompt": p.name, "positions": [s.to_dict() for s in p.sink_positions]}
                                for p in self.prompts],
+            "activations": [{"prompt": p.name, **p.activations.to_dict(p.tokens)} if p.activations is not None
+                            else {"prompt": p.name, "unavailable": p.activations_unavailable} for p in self.prompts],
             "per_prompt": [{"name": p.name, "first_token_mass": _round(p.first_token_mass),
                             "sink_rate": metrics.sink_rate(p.first_token_mass, self.threshold)}
                            for p in self.prompts],
@@ -300,6 +358,12 @@ class SinkProfile:
         from . import plots
 
         return plots.sink_positions_chart(self, prompt=prompt)
+
+    def plot_activations(self, prompt: int | str = 0) -> Any:
+        """Residual norms per layer (first token, median, largest) and the layers with massive activations."""
+        from . import plots
+
+        return plots.massive_activations(self, prompt=prompt)
 
     def _repr_html_(self) -> str:
         rec = self.recommendation
@@ -774,8 +838,16 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         block = capture_stats(lm.model, k_max=k_max, layers=layers, map_size=map_size, on_layer=on_stats)
     else:
         block = capture(lm.model, layers=layers, keep_maps=False, on_layer=on_map)
-    with block, torch.no_grad():
+    with block, capture_activations(lm.model) as acts, torch.no_grad():
         base(input_ids=ids.to(device), use_cache=False)
+    activations = None
+    if acts.layers and not acts.unavailable:
+        per_layer = [acts.layers[i] for i in sorted(acts.layers)]
+        activations = MassiveActivations(norms=np.stack([a.norms for a in per_layer]).astype(np.float32),
+                                         median=np.array([a.median for a in per_layer]),
+                                         top_values=np.stack([a.top_values for a in per_layer]),
+                                         top_tokens=np.stack([a.top_tokens for a in per_layer]),
+                                         top_dims=np.stack([a.top_dims for a in per_layer]))
 
     id_list = ids[0].tolist()
     tokens = token_texts(lm.tokenizer, id_list)
@@ -791,7 +863,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
     return PromptResult(name=prompt.name, n_tokens=t, tokens=tokens, first_token_mass=ftm, sink_mass=sm,
                         entropy=ent, sink_positions=positions, learned_sink_mass=lsm, attention=attention,
                         capture=mode, beyond_context=bool(spec.max_positions and t > spec.max_positions),
-                        row_pass="; ".join(passes) or None)
+                        row_pass="; ".join(passes) or None, activations=activations,
+                        activations_unavailable=acts.unavailable)
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:

@@ -40,8 +40,8 @@ from torch import nn
 
 from . import _gpu, _native
 from .errors import CaptureError
-from .metrics import LOCAL_WINDOW, ChunkedStats, LayerStats
-from .scheme import attention_modules, attention_scheme, check_layer_count
+from .metrics import LOCAL_WINDOW, ChunkedStats, LayerActivations, LayerStats, layer_activations
+from .scheme import attention_modules, attention_scheme, check_layer_count, decoder_layers
 
 LayerCallback = Callable[[int, torch.Tensor], None]
 
@@ -176,6 +176,60 @@ def _attention_implementation(model: nn.Module, name: str) -> Iterator[None]:
         yield
     finally:
         setter(original)
+
+
+# -------------------------------------------------------------------------------------- massive activations
+
+
+@dataclass
+class ActivationCapture:
+    """What a :func:`capture_activations` block measured: ``layers[i]`` for every decoder layer ``i``; or, for
+    a model whose layers don't return one residual stream ``[1, T, hidden]``, why not (``unavailable``)."""
+
+    layers: dict[int, LayerActivations] = field(default_factory=dict)
+    unavailable: str | None = None
+
+
+@contextmanager
+def capture_activations(model: nn.Module) -> Iterator[ActivationCapture]:
+    """Summarise each decoder layer's output (the residual stream) during a forward pass in the block: token
+    norms and the largest activations (:func:`sinkscope.metrics.layer_activations`), reduced as soon as the
+    layer has run. Combines with :func:`capture` and :func:`capture_stats` in the same forward; one sequence.
+
+    Example::
+
+        with sinkscope.capture_activations(model) as acts:
+            model.model(input_ids=ids)
+        acts.layers[5].norms[0]  # the first token's residual norm after layer 5
+    """
+    layers = decoder_layers(model)
+    cap = ActivationCapture()
+
+    def make_hook(idx: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            hidden = output[0] if isinstance(output, tuple) else output
+            if cap.unavailable:
+                return
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+                shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
+                cap.unavailable = (f"its decoder layers return {shape}, not one residual stream [batch, T, hidden] "
+                                   "(several streams, as Gemma-3n's AltUp keeps?)")
+                cap.layers.clear()
+                return
+            if hidden.shape[0] != 1:
+                raise CaptureError(f"activation capture takes one sequence per forward pass, got {hidden.shape[0]}")
+            cap.layers[idx] = layer_activations(hidden[0])
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+    if cap.layers and not cap.unavailable and len(cap.layers) != len(layers):
+        missing = sorted(set(range(len(layers))) - set(cap.layers))
+        raise CaptureError(f"decoder layers {missing[:5]} did not run during the forward pass")
 
 
 # ------------------------------------------------------------------------------------------ statistics mode

@@ -11,6 +11,7 @@ and ``entropy(..., learned_sink=True)`` counts it as one more outcome.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -165,6 +166,67 @@ def token_kind(text: str, *, is_bos: bool = False) -> str:
     if all(not c.isalnum() for c in stripped.strip()):
         return "punct"
     return "word"
+
+
+# ------------------------------------------------------------------------------------- massive activations
+
+MASSIVE_RATIO = 1000.0  # Sun et al. (2024): an activation at least 1000x the median magnitude ...
+MASSIVE_MIN = 100.0  # ... and at least 100 in absolute value is "massive"
+TOP_ACTIVATIONS = 4  # the largest activations kept per layer
+MEDIAN_SAMPLE = 1 << 24  # entries the median magnitude is taken over (evenly strided beyond that)
+ACTIVATION_BLOCK = 1 << 22  # entries per block of tokens summarised at once (16 MiB in float32)
+
+
+@dataclass
+class LayerActivations:
+    """One decoder layer's output (the residual stream after the layer), summarised.
+
+    ``norms`` ``[T]``: each token's L2 norm; ``median``: the median magnitude |h| over every token and dimension
+    (the lower middle value, as ``torch.median``; over an evenly strided sample of :data:`MEDIAN_SAMPLE` entries
+    past that many); ``top_values``,
+    ``top_tokens``, ``top_dims`` ``[N]``: the N largest activations by magnitude (signed), where they are."""
+
+    norms: np.ndarray
+    median: float
+    top_values: np.ndarray
+    top_tokens: np.ndarray
+    top_dims: np.ndarray
+
+    @property
+    def ratio(self) -> float:
+        """The largest magnitude over the median magnitude."""
+        return float(abs(self.top_values[0]) / self.median) if self.median > 0 else float("inf")
+
+    @property
+    def massive(self) -> bool:
+        """Whether the layer has a massive activation (Sun et al. 2024: >= 1000x the median and >= 100)."""
+        return bool(abs(self.top_values[0]) >= MASSIVE_MIN and self.ratio >= MASSIVE_RATIO)
+
+
+def layer_activations(hidden: torch.Tensor, top: int = TOP_ACTIVATIONS) -> LayerActivations:
+    """Summarise one layer's hidden states ``[T, D]`` (any float dtype; computed in float32, in blocks of
+    tokens so that no float32 copy of the whole layer is made)."""
+    if hidden.dim() != 2 or hidden.shape[0] < 1:
+        raise ValueError(f"expected hidden states [T, D], got shape {tuple(hidden.shape)}")
+    h = hidden.detach()
+    t, d = h.shape
+    rows = max(1, ACTIVATION_BLOCK // d)
+    norms = torch.empty(t, dtype=torch.float32, device=h.device)
+    values, where = [], []
+    for r0 in range(0, t, rows):
+        block = h[r0: r0 + rows].float()
+        norms[r0: r0 + block.shape[0]] = torch.linalg.vector_norm(block, dim=-1)
+        flat = block.reshape(-1)
+        _, i = flat.abs().topk(min(top, flat.numel()))
+        values.append(flat[i])
+        where.append(i + r0 * d)
+    cand, at = torch.cat(values), torch.cat(where)
+    best = cand.abs().topk(min(top, cand.numel())).indices
+    flat_all = h.reshape(-1)
+    step = max(1, math.ceil(flat_all.numel() / MEDIAN_SAMPLE))
+    median = flat_all[::step].float().abs().median()
+    return LayerActivations(norms=norms.cpu().numpy(), median=float(median), top_values=cand[best].cpu().numpy(),
+                            top_tokens=(at[best] // d).cpu().numpy(), top_dims=(at[best] % d).cpu().numpy())
 
 
 # ------------------------------------------------------------------------------ statistics over query chunks

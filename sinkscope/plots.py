@@ -310,6 +310,45 @@ def sink_positions_chart(profile: SinkProfile, prompt: int | str = 0) -> go.Figu
     return fig
 
 
+def massive_activations(profile: SinkProfile, prompt: int | str = 0) -> go.Figure:
+    """Residual norms per decoder layer (log scale): the first token's, the median token's and the largest;
+    layers with a massive activation (>= 1000x the median magnitude, Sun et al. 2024) marked, hover gives the
+    largest activation, its token and dimension."""
+    p = _prompt(profile, prompt)
+    acts = p.activations
+    fig = go.Figure()
+    if acts is None:
+        why = p.activations_unavailable or "none were recorded for this prompt"
+        fig.add_annotation(text=f"no residual norms: {label_text(why)}", xref="paper", yref="paper", x=0.5,
+                           y=0.5, showarrow=False)
+        return _layout(fig, "Massive activations", 300)
+    layers = list(range(len(acts.median)))
+    first, median, top = acts.norms[:, 0], np.median(acts.norms, axis=1), acts.norms.max(axis=1)
+    where = acts.norms.argmax(axis=1)
+    hover = [f"largest activation {v:.4g} at token {int(t)} {label_text(_short(visible_token(p.tokens[int(t)]), 16))}"
+             f", dim {int(d)}: {r:.3g} x the median magnitude" for v, t, d, r in
+             zip(acts.top_values[:, 0], acts.top_tokens[:, 0], acts.top_dims[:, 0], acts.ratio, strict=True)]
+    fig.add_trace(go.Scatter(x=layers, y=first, mode="lines+markers", name="first token",
+                             text=hover,
+                             hovertemplate="layer %{x}: first token's norm %{y:.4g}<br>%{text}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=layers, y=median, mode="lines", name="median token", line=dict(dash="dot"),
+                             hovertemplate="layer %{x}: median token norm %{y:.4g}<extra></extra>"))
+    fig.add_trace(go.Scatter(x=layers, y=top, mode="lines", name="largest token norm", line=dict(dash="dash"),
+                             customdata=where, hovertemplate="layer %{x}: token %{customdata} has norm %{y:.4g}"
+                                                             "<extra></extra>"))
+    massive = [i for i in layers if acts.massive[i]]
+    if massive:
+        fig.add_trace(go.Scatter(x=massive, y=[top[i] for i in massive], mode="markers", name="massive activation",
+                                 marker=dict(symbol="star", size=11, color="#d62728"),
+                                 text=[hover[i] for i in massive], hovertemplate="layer %{x}: %{text}<extra></extra>"))
+    first_layer = acts.first_massive_layer
+    note = f"first massive activation after layer {first_layer}" if first_layer is not None else "no massive activation"
+    _layout(fig, f"Residual norms per layer · {label_text(_short(p.name, 30))} ({note})", 340)
+    fig.update_xaxes(title_text="decoder layer (its output)", dtick=max(1, len(layers) // 12))
+    fig.update_yaxes(title_text="L2 norm", type="log")
+    return fig
+
+
 def entropy_heatmap(profile: SinkProfile) -> go.Figure:
     """Layer x head heatmap of the mean attention entropy in nats (low: focused heads, high: spread out)."""
     ent = np.asarray(profile.entropy, dtype=float)

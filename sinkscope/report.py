@@ -456,6 +456,27 @@ def _positions_html(profile: SinkProfile) -> str:
     return f'<div class="grid">{"".join(figs)}</div>{tail}'
 
 
+def _activations_html(profile: SinkProfile) -> str:
+    which = next((i for i, p in enumerate(profile.prompts) if p.activations is not None), None)
+    if which is None:
+        why = next((p.activations_unavailable for p in profile.prompts if p.activations_unavailable), None)
+        return f'<p class="note">No residual norms: {_esc(why or "none were recorded")}.</p>'
+    return _fig_html(plots.massive_activations(profile, prompt=which), "fig-activations")
+
+
+def _activation_rows(p: PromptResult) -> list[list[str]]:
+    acts = p.activations
+    assert acts is not None
+    med = np.median(acts.norms, axis=1)
+    rows = []
+    for i in range(len(acts.median)):
+        t, d, v = int(acts.top_tokens[i, 0]), int(acts.top_dims[i, 0]), float(acts.top_values[i, 0])
+        rows.append([str(i), f"{acts.norms[i, 0]:.4g}", f"{med[i]:.4g}", f"{v:.4g}",
+                     f"{t} {_md(_token(p.tokens[t]))}", str(d), f"{acts.ratio[i]:.3g}",
+                     "yes" if acts.massive[i] else ""])
+    return rows
+
+
 def _attention_html(profile: SinkProfile, n: int) -> str:
     which = next((i for i, p in enumerate(profile.prompts) if p.attention is not None), None)
     if which is None:
@@ -552,6 +573,11 @@ def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
               "Positions that draw the most attention from queries at least 8 tokens later, averaged over all "
               "layers and heads (hover: how many times more than uniform attention would give).",
               _positions_html(profile)),
+        _card("Massive activations",
+              "The residual stream after each decoder layer: the first token's L2 norm against the median token's "
+              "and the largest (log scale); stars mark layers with an activation at least 1000x the median "
+              "magnitude (Sun et al. 2024), which is what makes a token a sink.",
+              _activations_html(profile)),
         _card("Attention entropy", "Mean entropy of each head's attention (nats): low is focused, high is spread.",
               _fig_html(plots.entropy_heatmap(profile), "fig-entropy")),
         _card("Sink rate per prompt", "", _fig_html(plots.per_prompt_sink_rate(profile), "fig-prompt-rate")),
@@ -655,6 +681,20 @@ def render_markdown(profile: SinkProfile) -> str:
         out += ["## Learned sinks", "", " ".join(_learned_sink_sentences(profile, lambda c: f"`{c}`")), "",
                 f"Learned-sink mass per layer (heads above threshold: more than {profile.threshold:g}):", "",
                 _md_table(LEARNED_LAYER_COLUMNS, _learned_layer_rows(profile)), ""]
+
+    acts_prompt = next((p for p in profile.prompts if p.activations is not None), None)
+    why = next((p.activations_unavailable for p in profile.prompts if p.activations_unavailable), None)
+    if acts_prompt is None and why:
+        out += ["## Massive activations", "", f"No residual norms: {_md(why)}.", ""]
+    if acts_prompt is not None:
+        first = acts_prompt.activations.first_massive_layer
+        out += ["## Massive activations", "",
+                f"The residual stream after each decoder layer on {_md(acts_prompt.name)}: token norms and the largest "
+                "activation (massive: at least 1000x the median magnitude and 100, Sun et al. 2024). "
+                + (f"The first massive activation appears after layer {first}." if first is not None
+                   else "No layer has a massive activation."), "",
+                _md_table(["layer", "first-token norm", "median token norm", "largest activation", "token", "dim",
+                           "x median", "massive"], _activation_rows(acts_prompt), "rrrrlrrl"), ""]
 
     out += ["## Top sink positions", "",
             "Mean attention each position receives from queries at least 8 tokens later (all layers and heads).", ""]

@@ -112,6 +112,8 @@ def test_page_loads_analysis_renders_and_head_click_updates_the_map(dash_duo, ap
     dash_duo.wait_for_contains_text("#head-map .gtitle", "Layer", timeout=10)
     assert dash_duo.find_elements("#sink-curves .scatterlayer .trace")
     assert dash_duo.find_elements("#sink-positions .barlayer .trace")
+    dash_duo.wait_for_contains_text("#activations .gtitle", "Residual norms per layer", timeout=10)
+    assert len(dash_duo.find_elements("#activations .scatterlayer .trace")) >= 3  # first, median, largest
 
     # Click the top-left cell (layer 0, head 0), then the bottom-right one (layer 2, head 3): 3 x 4 cells.
     drag = dash_duo.find_element("#heatmap .nsewdrag")

@@ -257,7 +257,8 @@ def test_analysis_view_shows_learned_sinks_only_for_models_that_have_them(tiny_l
         head_map = _callback(app, "head_map")
         job = _done_job(app.sinkscope.analyses)
         out = poll(1, job.id, "first-token")
-        heatmap, options, value, hidden = out[2], out[7], out[8], out[9]
+        heatmap, options, value, hidden = out[2], out[8], out[9], out[10]
+        assert "Residual norms per layer" in out[5].layout.title.text  # the massive-activations figure
         assert [o["value"] for o in options] == ["first-token", "learned-sink"] and hidden is False
         assert value is no_update  # the user's pick stays
         np.testing.assert_allclose(np.asarray(heatmap.data[0].customdata), LEARNED)  # hover: learned-sink mass
@@ -272,7 +273,7 @@ def test_analysis_view_shows_learned_sinks_only_for_models_that_have_them(tiny_l
         monkeypatch.undo()  # a model without learned sinks: one view, hidden, reset to the first-token map
         plain = _done_job(app.sinkscope.analyses)
         out = poll(3, plain.id, "learned-sink")
-        assert [o["value"] for o in out[7]] == ["first-token"] and out[8] == "first-token" and out[9] is True
+        assert [o["value"] for o in out[8]] == ["first-token"] and out[9] == "first-token" and out[10] is True
         assert out[2].data[0].customdata is None and "first token" in out[2].layout.title.text
         np.testing.assert_allclose(np.asarray(switch("learned-sink", plain.id).data[0].z),
                                    plain.profile.first_token_mass)
