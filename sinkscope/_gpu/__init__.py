@@ -135,18 +135,23 @@ def _matches(mask: torch.Tensor, t: int, window: int | None) -> bool:
 # ------------------------------------------------------------------------------------ attention and its LSE
 
 
-def _expand(x: torch.Tensor, group: int) -> torch.Tensor:
-    return x if group == 1 else x.repeat_interleave(group, dim=1)
+def _grouped(op: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any,
+             **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``op`` (a raw SDPA op, which wants as many key heads as query heads) with the key and value heads repeated
+    to the query heads' count; its output as ``[1, T, heads, D_v]`` and its LSE."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    out, lse = op(q, k, v, *args, **kwargs)[:2]
+    return out.transpose(1, 2), lse
 
 
 def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None,
            softcap: float | None) -> tuple[torch.Tensor, torch.Tensor] | None:
     if window or softcap or q.dtype == torch.float32:
         return None
-    group = q.shape[1] // k.shape[1]
-    out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-        q, _expand(k, group), _expand(v, group), None, True, 0.0, True, False, scale=scale)[:2]
-    return out.transpose(1, 2), lse
+    return _grouped(torch.ops.aten._scaled_dot_product_cudnn_attention, q, k, v, None, True, 0.0, True, False,
+                    scale=scale)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None,
@@ -167,10 +172,8 @@ def _efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
     # received mass inherit; float32 models get the Triton forward, in IEEE float32.
     if window or softcap or q.dtype == torch.float32:
         return None
-    group = q.shape[1] // k.shape[1]
-    out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-        q, _expand(k, group), _expand(v, group), None, True, 0.0, True, scale=scale)[:2]
-    return out.transpose(1, 2), lse
+    return _grouped(torch.ops.aten._scaled_dot_product_efficient_attention, q, k, v, None, True, 0.0, True,
+                    scale=scale)
 
 
 # The statistics kernel's (query rows per tile, keys per program, warps, stages) on a GPU; benchmarks/capture_gpu.py
