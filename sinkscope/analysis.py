@@ -85,7 +85,12 @@ class MassiveActivations:
     @property
     def massive(self) -> np.ndarray:
         """``[L]`` bool: layers with a massive activation (Sun et al. 2024: >= 1000x the median and >= 100)."""
-        return (np.abs(self.top_values[:, 0]) >= metrics.MASSIVE_MIN) & (self.ratio >= metrics.MASSIVE_RATIO)
+        return metrics.is_massive(self.top_values[:, 0], self.median)
+
+    @property
+    def median_norm(self) -> np.ndarray:
+        """``[L]``: the median token's residual norm per layer."""
+        return np.median(self.norms, axis=1)
 
     @property
     def first_massive_layer(self) -> int | None:
@@ -95,7 +100,7 @@ class MassiveActivations:
 
     def to_dict(self, tokens: list[str]) -> dict[str, Any]:
         """The ``activations`` entry of report.json for one prompt (``tokens``: the prompt's token texts)."""
-        med_norm = np.median(self.norms, axis=1)
+        med_norm = self.median_norm
         rows = []
         for i in range(len(self.median)):
             top = [{"token": int(t), "text": tokens[int(t)] if int(t) < len(tokens) else "", "dim": int(d),

@@ -177,6 +177,13 @@ MEDIAN_SAMPLE = 1 << 24  # entries the median magnitude is taken over (evenly st
 ACTIVATION_BLOCK = 1 << 22  # entries per block of tokens summarised at once (16 MiB in float32)
 
 
+def is_massive(largest: np.ndarray | float, median: np.ndarray | float) -> np.ndarray | bool:
+    """Whether an activation of magnitude ``largest`` is massive beside the ``median`` magnitude (Sun et al.
+    2024: at least :data:`MASSIVE_RATIO` x the median and at least :data:`MASSIVE_MIN`); elementwise on arrays."""
+    largest, median = np.abs(np.asarray(largest, dtype=float)), np.asarray(median, dtype=float)
+    return (largest >= MASSIVE_MIN) & (largest >= MASSIVE_RATIO * median)
+
+
 @dataclass
 class LayerActivations:
     """One decoder layer's output (the residual stream after the layer), summarised.
@@ -200,7 +207,7 @@ class LayerActivations:
     @property
     def massive(self) -> bool:
         """Whether the layer has a massive activation (Sun et al. 2024: >= 1000x the median and >= 100)."""
-        return bool(abs(self.top_values[0]) >= MASSIVE_MIN and self.ratio >= MASSIVE_RATIO)
+        return bool(is_massive(self.top_values[0], self.median))
 
 
 def layer_activations(hidden: torch.Tensor, top: int = TOP_ACTIVATIONS) -> LayerActivations:

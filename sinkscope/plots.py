@@ -323,7 +323,7 @@ def massive_activations(profile: SinkProfile, prompt: int | str = 0) -> go.Figur
                            y=0.5, showarrow=False)
         return _layout(fig, "Massive activations", 300)
     layers = list(range(len(acts.median)))
-    first, median, top = acts.norms[:, 0], np.median(acts.norms, axis=1), acts.norms.max(axis=1)
+    first, median, top = acts.norms[:, 0], acts.median_norm, acts.norms.max(axis=1)
     where = acts.norms.argmax(axis=1)
     hover = [f"largest activation {v:.4g} at token {int(t)} {label_text(_short(visible_token(p.tokens[int(t)]), 16))}"
              f", dim {int(d)}: {r:.3g} x the median magnitude" for v, t, d, r in

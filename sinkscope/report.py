@@ -467,7 +467,7 @@ def _activations_html(profile: SinkProfile) -> str:
 def _activation_rows(p: PromptResult) -> list[list[str]]:
     acts = p.activations
     assert acts is not None
-    med = np.median(acts.norms, axis=1)
+    med = acts.median_norm
     rows = []
     for i in range(len(acts.median)):
         t, d, v = int(acts.top_tokens[i, 0]), int(acts.top_dims[i, 0]), float(acts.top_values[i, 0])

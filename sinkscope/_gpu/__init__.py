@@ -181,7 +181,7 @@ def _efficient(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, 
 TILES = (64, 128, 4, 3)  # the fastest of those tried at 8k and 32k on an H200 (docs/performance.md)
 
 
-def _blocks(t: int, device: torch.device) -> tuple[int, int, int, int]:
+def _blocks(device: torch.device) -> tuple[int, int, int, int]:
     """(rows, keys, warps, stages) of the kernels' tiles: small ones under the interpreter (each is numpy work)."""
     if device.type != "cuda":
         return 16, 16, 1, 1
@@ -340,7 +340,7 @@ def layer_stats(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: f
     _, h, t, d = q.shape
     dev = q.device
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
-    bq, bk, warps, stages = _blocks(t, dev)
+    bq, bk, warps, stages = _blocks(dev)
     nb = len(bins) if bins else 0
     qbin = torch.zeros(1, dtype=torch.int32, device=dev)
     qb = 1
