@@ -12,7 +12,9 @@ Parts, each printed as it finishes and written to ``--json`` (pick them with ``-
    SDPA forward of the base model (the floor), statistics mode with the GPU row pass (every metric and pooled
    96 x 96 maps of all 1024 heads), and with the torch path (``--torch-tokens``), timed alternately in this
    process, best of ``--repeat``; peak is ``torch.cuda.max_memory_allocated`` above the loaded weights.
-4. ``seventy``: decoder layers of a 70B shape (hidden 8192, 64 query / 8 KV heads, MLP 28672), as many as fit
+4. ``profile`` (not run by default): the whole 7B model per ``--tokens``: the forward inside the block and the
+   copy to the host timed apart, the CUDA kernels by total time, and the host synchronisations in the forward.
+5. ``seventy``: decoder layers of a 70B shape (hidden 8192, 64 query / 8 KV heads, MLP 28672), as many as fit
    the GPU in bfloat16, at ``--seventy-tokens``: forward vs statistics mode, as in ``bench``.
 
 ``--devices N`` (N > 1) also splits the 7B model over N GPUs (``device_map="auto"``) and compares it with a
@@ -286,6 +288,71 @@ def bench(tokens: list[int], torch_tokens: list[int], repeat: int) -> dict:
     return {"weights_gib": weights, "rows": rows}
 
 
+def profile(n: int) -> dict:
+    """Where statistics mode's time goes on the whole 7B model at ``n`` tokens: the forward inside the block and
+    the copy to the host apart, the CUDA kernels by total time (torch.profiler), and every synchronisation
+    with the host during the forward (``torch.cuda.set_sync_debug_mode``)."""
+    import warnings
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    model = build(SEVEN_B, torch.bfloat16, "cuda")
+    ids = torch.randint(0, SEVEN_B["vocab_size"], (1, n), generator=torch.Generator().manual_seed(n)).cuda()
+
+    def forward() -> None:
+        with torch.no_grad():
+            model.model(input_ids=ids, use_cache=False)
+
+    def split() -> tuple[float, float]:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with capture_stats(model, k_max=K, map_size=96) as cap, torch.no_grad():
+            model.model(input_ids=ids, use_cache=False)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+            cap.flush()
+        return t1 - t0, time.perf_counter() - t1
+
+    forward()
+    split()
+    best = {"forward_s": float("inf"), "stats_forward_s": float("inf"), "stats_flush_s": float("inf")}
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        forward()
+        torch.cuda.synchronize()
+        best["forward_s"] = min(best["forward_s"], time.perf_counter() - t0)
+        fwd, flush = split()
+        best["stats_forward_s"] = min(best["stats_forward_s"], fwd)
+        best["stats_flush_s"] = min(best["stats_flush_s"], flush)
+    out: dict = {"tokens": n, **best}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with capture_stats(model, k_max=K, map_size=96) as cap, torch.no_grad():
+                model.model(input_ids=ids, use_cache=False)
+                torch.cuda.set_sync_debug_mode(0)
+                cap.flush()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [f"{Path(w.filename).name}:{w.lineno}" for w in seen if "synchroniz" in str(w.message)]
+    out["syncs_in_forward"] = {where: syncs.count(where) for where in sorted(set(syncs))}
+    for name, fn in (("forward", forward), ("stats", lambda: split())):
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+        out[f"{name}_kernels"] = [{"name": e.key[:90], "calls": e.count, "ms": e.device_time_total / 1e3}
+                                  for e in rows[:14]]
+        out[f"{name}_device_ms"] = sum(e.self_device_time_total for e in prof.key_averages()) / 1e3
+    print(f"profile 7B, {n} tokens: {json.dumps(out)}", flush=True)
+    model = None  # (the closures above hold it otherwise)
+    torch.cuda.empty_cache()
+    return out
+
+
 def seventy(n: int, repeat: int, layers: int | None) -> dict:
     """As many 70B-shaped decoder layers as fit one GPU (bf16), forward vs statistics mode at ``n`` tokens."""
     h, f, kv = SEVENTY_B["hidden_size"], SEVENTY_B["intermediate_size"], SEVENTY_B["num_key_value_heads"]
@@ -341,7 +408,7 @@ def multi_device(n: int, devices: int) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", nargs="+", default=["kernels", "check", "bench", "seventy"],
-                    choices=["kernels", "check", "bench", "seventy"])
+                    choices=["kernels", "check", "bench", "seventy", "profile"])
     ap.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 65536])
     ap.add_argument("--torch-tokens", type=int, nargs="*", default=[8192, 32768],
                     help="lengths at which the torch path is timed too (it is slow)")
@@ -372,6 +439,8 @@ def main() -> None:
         result["check"] = check(args.check_tokens)
     if "bench" in args.parts:
         result["bench"] = bench(args.tokens, args.torch_tokens, args.repeat)
+    if "profile" in args.parts:
+        result["profile"] = [profile(n) for n in args.tokens]
     if "seventy" in args.parts:
         result["seventy"] = seventy(args.seventy_tokens, args.repeat, args.seventy_layers)
     if args.devices > 1:

@@ -8,6 +8,7 @@ them. The references are independent: float64 softmax of the same queries and ke
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
 
@@ -180,6 +181,12 @@ def test_unusable_reasons(monkeypatch):
     holed = band.clone()
     holed[..., 7, 5] = False
     assert "pattern" in _gpu.unusable(q, k, k, holed, "sliding", 4)
+    # The model's layout [1, T, heads, D] seen as [1, heads, T, D]: a row is heads x D apart.
+    long_q = torch.empty(1, 2**19, 32, 128, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    long_k = torch.empty(1, 2**19, 8, 128, device="meta", dtype=torch.bfloat16).transpose(1, 2)
+    half = slice(0, 2**18)
+    assert _gpu.unusable(long_q[:, :, half], long_k[:, :, half], long_k[:, :, half], None, "full", None) is None
+    assert "32-bit" in _gpu.unusable(long_q, long_k, long_k, None, "full", None)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     assert "Triton is not installed" in _gpu.unusable(q, k, k, None, "full", None)
 
@@ -202,9 +209,11 @@ def test_a_kernel_that_fails_falls_back_to_the_torch_path(tiny_llama, ref, gpu_r
     monkeypatch.setattr(_gpu, "_broken", None)
     ids = ref.encode(tiny_llama, TEXT_60)
     maps = ref.eager_attentions(tiny_llama.model, ids)
-    with capture_stats(tiny_llama.model, k_max=4) as cap, torch.no_grad():
-        tiny_llama.model(input_ids=ids, use_cache=False)
+    model = copy.deepcopy(tiny_llama.model).to(DEVICE)  # on a GPU machine the row pass needs CUDA tensors
+    with capture_stats(model, k_max=4) as cap, torch.no_grad():
+        model(input_ids=ids.to(DEVICE), use_cache=False)
     for layer, st in cap.stats.items():
         assert "no kernel for this GPU" in st.row_pass and "Triton statistics kernel" not in st.row_pass
         np.testing.assert_allclose(st.first_token_mass, ref.first_token_mass(maps[layer], 4), atol=1e-6)
-    assert "failed here" in _gpu.unusable(ids[None].float(), ids[None].float(), ids[None].float(), None, "full", None)
+    x = ids[None].float().to(DEVICE)
+    assert "failed here" in _gpu.unusable(x, x, x, None, "full", None)

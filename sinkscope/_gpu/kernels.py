@@ -7,12 +7,13 @@
   makes every probability one exponential. Each program owns a block of keys and runs down the rows, so
   every statistic is a column sum kept in registers: summing a tile's columns across warps and adding them
   with atomics per tile cost 7x the rest (measured on an H200).
+* :func:`pool_kernel`: the pooled map's cells from those column sums (a sum over each key bin).
 * :func:`forward_kernel`: attention output and LSE (online softmax) for what no torch backend returns an LSE
   for: soft-capped logits, sliding windows without flash attention, float32 without efficient attention.
 
-Both take one sequence (batch of one), heads grouped over key/value heads (GQA: query head h reads key head
-h // group), causal attention with an optional sliding window (key j visible from row q when
-q - window < j <= q).
+The statistics and forward kernels take one sequence (batch of one), heads grouped over key/value heads
+(GQA: query head h reads key head h // group), causal attention with an optional sliding window (key j visible
+from row q when q - window < j <= q).
 """
 
 from __future__ import annotations
@@ -24,16 +25,26 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _dot(a, b, DOT_F32: tl.constexpr):
+    """``a @ b^T`` in fp32 (IEEE products when ``DOT_F32``, else tensor cores on the inputs' dtype)."""
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
+    return tl.dot(a, tl.trans(b))
+
+
+@triton.jit
+def _cap(s, softcap):
+    """``softcap * tanh(s / softcap)`` as ``softcap * (1 - 2 / (exp(2 s / softcap) + 1))``: finite for every s
+    (exp overflows to inf and gives 1)."""
+    return softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+
+
+@triton.jit
 def _product(a, b, scale, softcap, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr):
     """``a @ b^T`` in fp32, scaled and soft-capped: a tile of scores (rows of ``a`` against rows of ``b``)."""
-    if DOT_F32:
-        s = tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), input_precision="ieee")
-    else:
-        s = tl.dot(a, tl.trans(b))
-    s = s * scale
+    s = _dot(a, b, DOT_F32) * scale
     if SOFTCAP:
-        # tanh(x) = 1 - 2 / (exp(2x) + 1), finite for every x (exp overflows to inf and gives 1).
-        s = softcap * (1.0 - 2.0 / (tl.exp(2.0 * s / softcap) + 1.0))
+        s = _cap(s, softcap)
     return s
 
 
@@ -57,21 +68,31 @@ def _flush(col, rb, cols, h, T, NB, POOL, done):
 
 
 @triton.jit
-def _stats_tile(k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, softcap, WINDOW, K_MAX,
-                LOCAL, recv, ent, first, cur, c, POOL, NB,
-                BQ: tl.constexpr, MASKED: tl.constexpr, DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr,
-                HAS_WINDOW: tl.constexpr, BINS: tl.constexpr, QB: tl.constexpr, D_MASK: tl.constexpr):
+def _stats_tile(k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, scale2, softcap, WINDOW, K_MAX,
+                LOCAL, recv, ent, first, cur, c, POOL, NB, BQ: tl.constexpr, MASKED: tl.constexpr,
+                DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, BINS: tl.constexpr,
+                QB: tl.constexpr, D_MASK: tl.constexpr):
     """Query rows ``m0 .. m0 + BQ`` against the program's keys: scores ``[keys, rows]``, so that every sum over
-    rows (a column sum of the attention map) stays inside a warp, and nothing is reduced across warps per tile."""
+    rows (a column sum of the attention map) stays inside a warp, and nothing is reduced across warps per tile.
+
+    Few instructions per score, since the exponential unit and the tensor cores are as fast as each other
+    here and the issue slots are the next limit: without a soft-cap the scale joins the exponent's multiply
+    (``scale2`` = scale * log2 e) and the entropy's sum takes the unscaled product (scaled once at the end),
+    and a tile's later query bins are sums weighted by 0/1 per row (a fused multiply-add, not a select and
+    an add)."""
     rows = m0 + tl.arange(0, BQ)
     if D_MASK:
         q = tl.load(Q + h * sq_h + rows[:, None] * sq_t + dims[None, :], mask=(rows[:, None] < T) & d_ok[None, :],
                     other=0.0)
     else:
         q = tl.load(Q + h * sq_h + rows[:, None] * sq_t + dims[None, :], mask=rows[:, None] < T, other=0.0)
-    s = _product(k, q, scale, softcap, DOT_F32, SOFTCAP)
+    s = _dot(k, q, DOT_F32)
     lse2 = tl.load(LSE + h * T + rows, mask=rows < T, other=0.0) * 1.4426950408889634
-    p = tl.exp2(s * 1.4426950408889634 - lse2[None, :])
+    if SOFTCAP:
+        s = _cap(s * scale, softcap)
+        p = tl.exp2(s * 1.4426950408889634 - lse2[None, :])
+    else:
+        p = tl.exp2(s * scale2 - lse2[None, :])
     if MASKED:
         valid = (rows[None, :] >= cols[:, None]) & (rows[None, :] < T)
         if HAS_WINDOW:
@@ -101,7 +122,7 @@ def _stats_tile(k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, sca
         rest = tl.zeros_like(cur)
         tail = tl.zeros_like(cur)
         for j in tl.static_range(1, QB):
-            part = tl.sum(tl.where(row_bin[None, :] == f + j, p, 0.0), axis=1)
+            part = tl.sum(p * (row_bin == f + j).to(tl.float32)[None, :], axis=1)
             rest += part
             _flush(part, f + j, cols, h, T, NB, POOL, zero + f + j < last)
             tail = tl.where(zero + f + j == last, part, tail)
@@ -128,9 +149,10 @@ def stats_kernel(Q, Kt, LSE, ENT, RECV, FIRST, POOL, QBIN,
     = the sum of p over the rows of query bin a (``QBIN`` maps a position to its bin; ``QB``: the most bins one
     tile of rows spans), summed over key bins afterwards."""
     pid = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)  # 64-bit head offsets: heads x T x D passes 2**31 on long prompts
     hk = h // GROUP
     n0 = pid * BK
+    scale2 = scale * 1.4426950408889634
     cols = n0 + tl.arange(0, BK)
     dims = tl.arange(0, DP)
     d_ok = dims < D
@@ -161,22 +183,47 @@ def stats_kernel(Q, Kt, LSE, ENT, RECV, FIRST, POOL, QBIN,
         c = tl.load(QBIN + start)
     for m0 in range(start, a, BQ):
         recv, ent, first, cur, c = _stats_tile(
-            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, softcap, WINDOW, K_MAX, LOCAL,
-            recv, ent, first, cur, c, POOL, NB, BQ, True, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB, D_MASK)
+            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, scale2, softcap, WINDOW, K_MAX, LOCAL,
+            recv, ent, first, cur, c, POOL, NB, BQ, True, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB,
+            D_MASK)
     for m0 in range(a, b, BQ):
         recv, ent, first, cur, c = _stats_tile(
-            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, softcap, WINDOW, K_MAX, LOCAL,
-            recv, ent, first, cur, c, POOL, NB, BQ, False, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB, D_MASK)
+            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, scale2, softcap, WINDOW, K_MAX, LOCAL,
+            recv, ent, first, cur, c, POOL, NB, BQ, False, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB,
+            D_MASK)
     for m0 in range(b, end, BQ):
         recv, ent, first, cur, c = _stats_tile(
-            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, softcap, WINDOW, K_MAX, LOCAL,
-            recv, ent, first, cur, c, POOL, NB, BQ, True, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB, D_MASK)
+            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, scale2, softcap, WINDOW, K_MAX, LOCAL,
+            recv, ent, first, cur, c, POOL, NB, BQ, True, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB,
+            D_MASK)
     if BINS:
         _flush(cur, c, cols, h, T, NB, POOL, cols >= 0)
     tl.store(RECV + h * T + cols, recv, mask=cols < T)
+    if not SOFTCAP:  # the sum took unscaled products
+        ent = ent * scale
     tl.store(ENT + h * T + cols, ent, mask=cols < T)
     if n0 < K_MAX:
         tl.store(FIRST + h * K_MAX + cols, first, mask=cols < K_MAX)
+
+
+@triton.jit
+def pool_kernel(POOL, CELLS, EDGES, T, NB, R, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid ``(cdiv(R, ROWS), bins)`` over the ``R = heads * bins`` rows of ``POOL`` (column sums per query bin,
+    ``[heads, bins, T]``): ``CELLS[h, a, b]`` = the sum of ``POOL[h, a, j]`` over the keys j of bin b (``EDGES``:
+    the bins' ``NB + 1`` edges, shared by queries and keys). A query bin sees no key past its last row, so the
+    cells above the diagonal are zero without reading anything. ``ROWS`` rows per program: a few on a GPU,
+    all of them under the interpreter (where each program costs milliseconds)."""
+    r = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    b = tl.program_id(1)
+    ok = r < R
+    lo = tl.load(EDGES + b)
+    hi_r = tl.minimum(tl.load(EDGES + b + 1), tl.load(EDGES + r % NB + 1, mask=ok, other=0))
+    acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    for j0 in range(lo, tl.max(hi_r, axis=0), BLOCK):
+        cols = j0 + tl.arange(0, BLOCK)
+        acc += tl.load(POOL + r[:, None] * T + cols[None, :], mask=ok[:, None] & (cols[None, :] < hi_r[:, None]),
+                       other=0.0)
+    tl.store(CELLS + r * NB + b, tl.sum(acc, axis=1), mask=ok)
 
 
 @triton.jit
@@ -188,7 +235,7 @@ def forward_kernel(Q, Kt, V, Out, LSE, T, GROUP, scale, softcap, WINDOW,
     """Grid ``(cdiv(T, BM), heads)``: ``Out[q, h]`` (``[T, heads, DV]`` by strides, the model's dtype) and
     ``LSE[h, q]`` (fp32, natural log) of causal attention with an optional window and soft-cap."""
     pid_m = tl.program_id(0)
-    h = tl.program_id(1)
+    h = tl.program_id(1).to(tl.int64)
     hk = h // GROUP
     m0 = pid_m * BM
     rows = m0 + tl.arange(0, BM)
@@ -229,6 +276,7 @@ def forward_kernel(Q, Kt, V, Out, LSE, T, GROUP, scale, softcap, WINDOW,
         m_i = m_new
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     out = acc / l_safe[:, None]
-    tl.store(Out + rows[:, None] * so_t + h * so_h + dv[None, :], out.to(Out.dtype.element_ty),
+    # (64-bit rows: the output is [T, heads, D_v], so T x heads x D_v passes 2**31 on long prompts)
+    tl.store(Out + rows[:, None].to(tl.int64) * so_t + h * so_h + dv[None, :], out.to(Out.dtype.element_ty),
              mask=(rows[:, None] < T) & (dv[None, :] < DV))
     tl.store(LSE + h * T + rows, (m_i + tl.log2(l_safe)) / 1.4426950408889634, mask=rows < T)
