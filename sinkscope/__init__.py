@@ -18,6 +18,7 @@ from .analysis import PromptResult, Recommendation, SinkPosition, SinkProfile, a
 from .capture import Capture, StatsCapture, capture, capture_stats
 from .checks import SupportRow, check_model
 from .errors import SinkscopeError
+from .inputs import InputSensitivity, InputVariant, input_sensitivity
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
 from .prompts import Prompt
@@ -30,6 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionScheme",
     "Capture",
+    "InputSensitivity",
+    "InputVariant",
     "LoadedModel",
     "ModelSpec",
     "Prompt",
@@ -49,5 +52,6 @@ __all__ = [
     "capture_stats",
     "check_model",
     "evaluate_stream",
+    "input_sensitivity",
     "load_model",
 ]

@@ -172,6 +172,7 @@ class SinkProfile:
     stream_eval: dict[str, Any] | None = None
     threshold: float = metrics.SINK_THRESHOLD
     extra: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] | None = None  # sinkscope.inputs.InputSensitivity.to_dict() of one prompt, if measured
 
     # -- aggregates ---------------------------------------------------------------------------------------
     @property
@@ -274,6 +275,7 @@ class SinkProfile:
                                for p in self.prompts],
             "activations": [{"prompt": p.name, **p.activations.to_dict(p.tokens)} if p.activations is not None
                             else {"prompt": p.name, "unavailable": p.activations_unavailable} for p in self.prompts],
+            "inputs": self.inputs,
             "per_prompt": [{"name": p.name, "first_token_mass": _round(p.first_token_mass),
                             "sink_rate": metrics.sink_rate(p.first_token_mass, self.threshold)}
                            for p in self.prompts],
@@ -722,7 +724,10 @@ def _as_loaded(model: Any, tokenizer: Any) -> LoadedModel:
 
 
 def _encode(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int) -> torch.Tensor:
-    ids = lm.tokenizer(prompt.text, return_tensors="pt").input_ids
+    if prompt.ids is not None:
+        ids = torch.tensor([list(prompt.ids)], dtype=torch.long)
+    else:
+        ids = lm.tokenizer(prompt.text, return_tensors="pt").input_ids
     limit = max_tokens or lm.spec.max_positions
     if limit and ids.shape[1] > limit:
         ids = ids[:, :limit]

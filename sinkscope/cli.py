@@ -184,9 +184,33 @@ def build_parser() -> argparse.ArgumentParser:
                      help="sink counts to stream with (default: 0,1,2,4,8 and the attention estimate)")
     val.add_argument("--tolerance", type=_tolerance, default=None,
                      help="recommend the smallest count within this fraction of the best perplexity (default: 0.05)")
+    p_rep.add_argument("--inputs", action=argparse.BooleanOptionalAction, default=True,
+                       help="also measure the first prompt (its first 512 tokens) with the BOS token toggled and in "
+                            "the chat template, side by side (default: on; --no-inputs skips it)")
     p_rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_options(p_rep)
     p_rep.set_defaults(func=cmd_report)
+
+    p_in = sub.add_parser(
+        "inputs", help="does the sink depend on the BOS token or the chat template? one prompt, side by side",
+        description="Measure one prompt as the tokenizer gives it, with the BOS token removed (or added) and as a "
+                    "user message of the chat template, where the tokenizer has them: sink rate, first-token mass "
+                    "and the recommended sink count of each, and whether the serving stack's choice matters.",
+        epilog=EPILOG)
+    p_in.add_argument("model", nargs="?", default="smollm2-135m", help="model source (default: smollm2-135m)")
+    src_in = p_in.add_mutually_exclusive_group()
+    src_in.add_argument("--prompt", metavar="TEXT", help="the prompt text (default: the first sample prompt)")
+    src_in.add_argument("--prompt-file", metavar="F", help="read the prompt from a UTF-8 file")
+    p_in.add_argument("--max-tokens", type=_positive_int, default=512, metavar="N",
+                      help="the prompt's first N tokens in every variant (default: 512)")
+    p_in.add_argument("--k-max", type=_positive_int, default=8, metavar="K",
+                      help="leading tokens measured (default: 8)")
+    p_in.add_argument("--threshold", type=_share, default=0.3,
+                      help="first-token mass above which a head is a sink head (default: 0.3)")
+    p_in.add_argument("--json", action="store_true", help="print the comparison as JSON")
+    p_in.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_model_options(p_in)
+    p_in.set_defaults(func=cmd_inputs)
 
     p_st = sub.add_parser(
         "stream", help="stream a model through a sink + window KV cache, live, with a status line",
@@ -386,6 +410,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     if validate:
         profile.validate(lm, text, sinks=args.sinks, window=window, tokens=tokens, modes=modes,
                          tolerance=args.tolerance if args.tolerance is not None else 0.05, progress=not args.quiet)
+    if args.inputs:
+        from .inputs import input_sensitivity
+
+        try:
+            profile.inputs = input_sensitivity(lm, prompts[0], k_max=args.k_max, threshold=args.threshold,
+                                               share=args.share, mode=args.mode, progress=not args.quiet).to_dict()
+        except SinkscopeError as exc:  # e.g. a first prompt too short once the BOS is gone: the report stands
+            print(f"note: no BOS / chat-template comparison ({exc}); --no-inputs skips it", file=sys.stderr)
     paths = write_report(profile, out)
     rec = profile.recommendation
     print(f"{lm.spec.name}: {len(profile.prompts)} prompts, "
@@ -401,6 +433,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"attention estimate: {est.sinks} sinks  ({est.method})")
     print(f"recommended sinks: {rec.sinks}  ({rec.method})")
     _print_cheapest(rec)
+    if profile.inputs:
+        print(f"BOS and chat template: {profile.inputs['verdict']}")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0
@@ -419,6 +453,40 @@ def _print_capture_notes(profile: SinkProfile) -> None:
         if p.beyond_context:
             print(f"note: {p.name} ({p.n_tokens} tokens) runs past {profile.model.name}'s trained context of "
                   f"{context}; its numbers describe positions the model never trained on")
+
+
+def cmd_inputs(args: argparse.Namespace) -> int:
+    """Compare one prompt as tokenized, with the BOS token toggled and in the chat template."""
+    import json
+
+    from .inputs import input_sensitivity
+    from .prompts import Prompt, read_prompt_file, sample_prompts
+
+    if args.max_tokens < args.k_max + 1:
+        raise ConfigError(f"--max-tokens must be at least K + 1 = {args.k_max + 1}, got {args.max_tokens}")
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ConfigError("the prompt is empty")
+        prompt = Prompt("prompt", args.prompt)
+    else:
+        prompt = read_prompt_file(args.prompt_file) if args.prompt_file else sample_prompts()[0]
+    lm = _load(args.model, args, progress=not args.quiet)
+    result = input_sensitivity(lm, prompt, k_max=args.k_max, max_tokens=args.max_tokens, threshold=args.threshold,
+                               progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+        return 0
+    print(f"{lm.spec.name}, prompt {result.prompt!r} (K = {result.k_max}, sink head: first-token mass > "
+          f"{result.threshold:g})")
+    print(f"  {'variant':<14} {'tokens':>6}  {'sink rate':>9}  {'first-token':>11}  {'sinks':>5}  first tokens")
+    for v in result.variants:
+        first = " ".join(repr(t) for t in v.first_tokens[:3])
+        print(f"  {v.name:<14} {v.n_tokens:>6}  {v.sink_rate:>9.1%}  {v.first_token_mass:>11.3f}  "
+              f"{v.recommended_sinks:>5}  {first}")
+    for name, why in result.unavailable.items():
+        print(f"  {name}: not measured ({why})")
+    print(result.verdict)
+    return 0
 
 
 def cmd_stream(args: argparse.Namespace) -> int:

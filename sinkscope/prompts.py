@@ -14,10 +14,12 @@ _MAX_PROMPT_BYTES = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Prompt:
-    """A named text to analyze."""
+    """A named text to analyze; ``ids``, when given, are its tokens as they should reach the model (the text is
+    then what is shown): a BOS added or removed, a chat template applied (:mod:`sinkscope.inputs`)."""
 
     name: str
     text: str
+    ids: tuple[int, ...] | None = None
 
 
 def sample_prompts_dir() -> Path:
@@ -85,5 +87,5 @@ def as_prompts(prompts: str | Prompt | Sequence[str | Prompt] | Iterable[str | P
         while name in names:  # two files called notes.txt in different folders must not collide
             name, n = f"{p.name}-{n}", n + 1
         names.add(name)
-        out.append(Prompt(name, p.text))
+        out.append(Prompt(name, p.text, p.ids))
     return out

@@ -477,6 +477,33 @@ def _activation_rows(p: PromptResult) -> list[list[str]]:
     return rows
 
 
+INPUT_COLUMNS = ["variant", "change", "tokens", "first tokens", "sink rate", "first-token mass",
+                 "first-K mass", "sink heads", "recommended sinks"]
+
+
+def _input_rows(inputs: dict[str, Any], text: Any, token: Any) -> list[list[str]]:
+    return [[text(v["name"]), text(v["change"]), str(v["n_tokens"]),
+             " ".join(token(_token(t)) for t in v["first_tokens"]), _pct(v["sink_rate"]),
+             f"{v['first_token_mass']:.3f}", f"{v['sink_mass']:.3f}", str(v["sink_heads"]),
+             str(v["recommended_sinks"])] for v in inputs["variants"]]
+
+
+def _inputs_note(inputs: dict[str, Any]) -> str:
+    missing = "; ".join(f"{k}: {v}" for k, v in (inputs.get("unavailable") or {}).items())
+    return (f"The same text ({inputs['prompt']}) fed as the tokenizer gives it, with the BOS token toggled and in "
+            "the chat template: does the sink depend on how a serving stack feeds the model?"
+            + (f" Not measured: {missing}." if missing else ""))
+
+
+def _inputs_html(profile: SinkProfile) -> str:
+    inputs = profile.inputs
+    if not inputs:
+        return ""
+    body = (_html_table(INPUT_COLUMNS, _input_rows(inputs, _esc, lambda t: f"<code>{_esc(t)}</code>"))
+            + f'<p class="verdict"><b>{_esc(inputs["verdict"][:1].upper() + inputs["verdict"][1:])}.</b></p>')
+    return _card("BOS and chat template", _esc(_inputs_note(inputs)), body)
+
+
 def _attention_html(profile: SinkProfile, n: int) -> str:
     which = next((i for i, p in enumerate(profile.prompts) if p.attention is not None), None)
     if which is None:
@@ -578,6 +605,7 @@ def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
               "and the largest (log scale); stars mark layers with an activation at least 1000x the median "
               "magnitude (Sun et al. 2024), which is what makes a token a sink.",
               _activations_html(profile)),
+        _inputs_html(profile),
         _card("Attention entropy", "Mean entropy of each head's attention (nats): low is focused, high is spread.",
               _fig_html(plots.entropy_heatmap(profile), "fig-entropy")),
         _card("Sink rate per prompt", "", _fig_html(plots.per_prompt_sink_rate(profile), "fig-prompt-rate")),
@@ -695,6 +723,12 @@ def render_markdown(profile: SinkProfile) -> str:
                    else "No layer has a massive activation."), "",
                 _md_table(["layer", "first-token norm", "median token norm", "largest activation", "token", "dim",
                            "x median", "massive"], _activation_rows(acts_prompt), "rrrrlrrl"), ""]
+
+    if profile.inputs:
+        inp = profile.inputs
+        out += ["## BOS and chat template", "", _md(_inputs_note(inp)), "",
+                _md_table(INPUT_COLUMNS, _input_rows(inp, _md, lambda t: f"[{_md(t)}]"), "llrlrrrrr"), "",
+                f"**{_md(inp['verdict'][:1].upper() + inp['verdict'][1:])}.**", ""]
 
     out += ["## Top sink positions", "",
             "Mean attention each position receives from queries at least 8 tokens later (all layers and heads).", ""]
