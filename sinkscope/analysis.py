@@ -17,6 +17,7 @@ from .capture import (
     CPU_BLOCK_BYTES,
     capture,
     capture_activations,
+    capture_head_outputs,
     capture_stats,
     default_block_bytes,
     pool_map,
@@ -133,6 +134,11 @@ class PromptResult:
     row_pass: str | None = None  # statistics mode: which row pass computed it (one line per distinct pass)
     activations: MassiveActivations | None = None  # each decoder layer's residual stream, summarised
     activations_unavailable: str | None = None  # why ``activations`` is None (layers without one stream)
+    # [L, H]: what each head writes into the residual stream (metrics.HeadOutputs), mean over q >= K and at
+    # position 0; None with the reason when the attention has no output projection to read per head.
+    output_norm: np.ndarray | None = None
+    first_row_norm: np.ndarray | None = None
+    head_outputs_unavailable: str | None = None
 
 
 @dataclass
@@ -173,6 +179,7 @@ class SinkProfile:
     threshold: float = metrics.SINK_THRESHOLD
     extra: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] | None = None  # sinkscope.inputs.InputSensitivity.to_dict() of one prompt, if measured
+    ablation: dict[str, Any] | None = None  # sinkscope.heads.HeadAblation.to_dict() (report --ablate), if run
 
     # -- aggregates ---------------------------------------------------------------------------------------
     @property
@@ -214,6 +221,46 @@ class SinkProfile:
         rows = [{"layer": self.layers[int(i)], "head": int(h), "learned_sink_mass": float(lsm[i, h])}
                 for i, h in zip(*np.nonzero(lsm > thr), strict=True)]
         return sorted(rows, key=lambda r: -r["learned_sink_mass"])
+
+    @property
+    def output_norm(self) -> np.ndarray | None:
+        """``[layers, heads]`` mean over prompts of each head's projected output norm (queries q >= K), or None
+        where a prompt could not measure it (``PromptResult.head_outputs_unavailable`` says why)."""
+        if not self.prompts or any(p.output_norm is None for p in self.prompts):
+            return None
+        return np.mean([p.output_norm for p in self.prompts], axis=0)
+
+    @property
+    def first_row_norm(self) -> np.ndarray | None:
+        """``[layers, heads]`` mean over prompts of each head's projected output at position 0 (the first token's
+        projected value, for plain softmax attention), or None."""
+        if not self.prompts or any(p.first_row_norm is None for p in self.prompts):
+            return None
+        return np.mean([p.first_row_norm for p in self.prompts], axis=0)
+
+    def dormant_heads(self, threshold: float | None = None) -> list[dict[str, Any]]:
+        """Sink heads whose projected output is below ``metrics.DORMANT_RATIO`` of their layer's median head,
+        weakest first (empty when output norms were not measured)."""
+        norm = self.output_norm
+        if norm is None:
+            return []
+        thr = self.threshold if threshold is None else threshold
+        ratio = metrics.output_ratio(norm)
+        ftm = self.first_token_mass
+        rows = [{"layer": self.layers[int(i)], "head": int(h), "first_token_mass": float(ftm[i, h]),
+                 "output_ratio": float(ratio[i, h]), "output_norm": float(norm[i, h])}
+                for i, h in zip(*np.nonzero(metrics.is_dormant(ftm, ratio, thr)), strict=True)]
+        return sorted(rows, key=lambda r: r["output_ratio"])
+
+    def head_outputs_dict(self) -> dict[str, Any]:
+        """The ``head_outputs`` part of ``report.json``."""
+        norm, first = self.output_norm, self.first_row_norm
+        if norm is None or first is None:
+            why = next((p.head_outputs_unavailable for p in self.prompts if p.head_outputs_unavailable), None)
+            return {"unavailable": why or "not measured"}
+        return {"output_norm": _round(norm), "first_row_norm": _round(first),
+                "output_ratio": _round(metrics.output_ratio(norm)), "dormant_ratio": metrics.DORMANT_RATIO,
+                "dormant_heads": self.dormant_heads()}
 
     @property
     def sink_rate(self) -> float:
@@ -276,6 +323,8 @@ class SinkProfile:
             "activations": [{"prompt": p.name, **p.activations.to_dict(p.tokens)} if p.activations is not None
                             else {"prompt": p.name, "unavailable": p.activations_unavailable} for p in self.prompts],
             "inputs": self.inputs,
+            "head_outputs": self.head_outputs_dict(),
+            "ablation": self.ablation,
             "per_prompt": [{"name": p.name, "first_token_mass": _round(p.first_token_mass),
                             "sink_rate": metrics.sink_rate(p.first_token_mass, self.threshold)}
                            for p in self.prompts],
@@ -848,8 +897,18 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         block = capture_stats(lm.model, k_max=k_max, layers=layers, map_size=map_size, on_layer=on_stats)
     else:
         block = capture(lm.model, layers=layers, keep_maps=False, on_layer=on_map)
-    with block, capture_activations(lm.model) as acts, torch.no_grad():
+    with block, capture_activations(lm.model) as acts, capture_head_outputs(lm.model, k_max=k_max) as heads, \
+            torch.no_grad():
         base(input_ids=ids.to(device), use_cache=False)
+    output_norm = first_row = None
+    heads_why = heads.unavailable
+    if not heads_why:
+        missing = [layer for layer in layers if layer not in heads.layers]
+        if missing:
+            heads_why = f"layers {missing[:5]} did not reach their output projection"
+        else:
+            output_norm = np.stack([heads.layers[layer].output_norm for layer in layers])
+            first_row = np.stack([heads.layers[layer].first_row_norm for layer in layers])
     activations = None
     if acts.layers and not acts.unavailable:
         per_layer = [acts.layers[i] for i in sorted(acts.layers)]
@@ -874,7 +933,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
                         entropy=ent, sink_positions=positions, learned_sink_mass=lsm, attention=attention,
                         capture=mode, beyond_context=bool(spec.max_positions and t > spec.max_positions),
                         row_pass="; ".join(passes) or None, activations=activations,
-                        activations_unavailable=acts.unavailable)
+                        activations_unavailable=acts.unavailable, output_norm=output_norm,
+                        first_row_norm=first_row, head_outputs_unavailable=heads_why)
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:

@@ -40,8 +40,16 @@ from torch import nn
 
 from . import _gpu, _native
 from .errors import CaptureError
-from .metrics import LOCAL_WINDOW, ChunkedStats, LayerActivations, LayerStats, layer_activations
-from .scheme import attention_modules, attention_scheme, check_layer_count, decoder_layers
+from .metrics import (
+    LOCAL_WINDOW,
+    ChunkedStats,
+    HeadOutputs,
+    LayerActivations,
+    LayerStats,
+    head_outputs,
+    layer_activations,
+)
+from .scheme import attention_modules, attention_scheme, check_layer_count, decoder_layers, output_projection
 
 LayerCallback = Callable[[int, torch.Tensor], None]
 
@@ -230,6 +238,61 @@ def capture_activations(model: nn.Module) -> Iterator[ActivationCapture]:
     if cap.layers and not cap.unavailable and len(cap.layers) != len(layers):
         missing = sorted(set(range(len(layers))) - set(cap.layers))
         raise CaptureError(f"decoder layers {missing[:5]} did not run during the forward pass")
+
+
+@dataclass
+class HeadOutputCapture:
+    """What a :func:`capture_head_outputs` block measured: ``layers[i]`` for every attention layer ``i``; or,
+    for a model whose attention has no output projection to read per head, why not (``unavailable``)."""
+
+    layers: dict[int, HeadOutputs] = field(default_factory=dict)
+    unavailable: str | None = None
+
+
+@contextmanager
+def capture_head_outputs(model: nn.Module, *, k_max: int = 8) -> Iterator[HeadOutputCapture]:
+    """Measure what each head writes into the residual stream during a forward pass in the block
+    (:func:`sinkscope.metrics.head_outputs`, from the input of each attention layer's output projection, the
+    heads side by side). Combines with :func:`capture` and :func:`capture_stats` in the same forward.
+
+    Example::
+
+        with sinkscope.capture_head_outputs(model, k_max=8) as heads:
+            model.model(input_ids=ids)
+        heads.layers[3].output_norm  # [heads]: mean norm of each head's projected output
+    """
+    scheme = attention_scheme(model)
+    modules = attention_modules(model)
+    cap = HeadOutputCapture()
+    found: dict[int, tuple[nn.Module, torch.Tensor, int]] = {}
+    for i, attn in modules.items():
+        ly = scheme.layers[i]
+        if not ly.n_heads or not ly.v_head_dim:
+            cap.unavailable = f"layer {i}'s head count or value head dim is unknown"
+            break
+        got = output_projection(attn, ly.n_heads * ly.v_head_dim)
+        if isinstance(got, str):
+            cap.unavailable = got
+            break
+        found[i] = (got[0], got[1], ly.n_heads)
+
+    def make_hook(idx: int, weight: torch.Tensor, n_heads: int) -> Callable[..., None]:
+        def hook(_module: nn.Module, args: Any) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() != 3:
+                return
+            if x.shape[0] != 1:
+                raise CaptureError(f"head-output capture takes one sequence per forward pass, got {x.shape[0]}")
+            cap.layers[idx] = head_outputs(x[0], weight, n_heads, k_max)
+        return hook
+
+    handles = [] if cap.unavailable else [proj.register_forward_pre_hook(make_hook(i, w, n))
+                                          for i, (proj, w, n) in found.items()]
+    try:
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
 
 
 # ------------------------------------------------------------------------------------------ statistics mode

@@ -15,6 +15,7 @@ from .errors import ConfigError, SinkscopeError
 if TYPE_CHECKING:
     from .analysis import SinkProfile
     from .models import LoadedModel
+    from .prompts import Prompt
     from .streaming.streamer import TokenStats
 
 EVAL_TOKENS = 4000  # eval-stream: about 3 min for SmolLM2 on 2 CPU cores, recompute included (docs/cli.md)
@@ -187,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("--inputs", action=argparse.BooleanOptionalAction, default=True,
                        help="also measure the first prompt (its first 512 tokens) with the BOS token toggled and in "
                             "the chat template, side by side (default: on; --no-inputs skips it)")
+    p_rep.add_argument("--ablate", action="store_true",
+                       help="zero the heads flagged dormant and score the first prompt (512 tokens) against the "
+                            "intact model and as many random non-sink heads zeroed (a few more forwards)")
     p_rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_options(p_rep)
     p_rep.set_defaults(func=cmd_report)
@@ -418,6 +422,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                                                share=args.share, mode=args.mode, progress=not args.quiet).to_dict()
         except SinkscopeError as exc:  # e.g. a first prompt too short once the BOS is gone: the report stands
             print(f"note: no BOS / chat-template comparison ({exc}); --no-inputs skips it", file=sys.stderr)
+    if args.ablate:
+        _ablate(profile, lm, prompts[0])
     paths = write_report(profile, out)
     rec = profile.recommendation
     print(f"{lm.spec.name}: {len(profile.prompts)} prompts, "
@@ -435,9 +441,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     _print_cheapest(rec)
     if profile.inputs:
         print(f"BOS and chat template: {profile.inputs['verdict']}")
+    dormant = profile.dormant_heads()
+    if dormant:
+        names = ", ".join(f"L{d['layer']}.H{d['head']}" for d in dormant[:6]) + (", ..." if len(dormant) > 6 else "")
+        print(f"dormant heads: {len(dormant)} ({names})")
+    if profile.ablation:
+        print(f"ablation: {profile.ablation['verdict']}")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0
+
+
+def _ablate(profile: SinkProfile, lm: LoadedModel, prompt: Prompt) -> None:
+    """``report --ablate``: the dormant heads zeroed on the first prompt, against random non-sink heads."""
+    import numpy as np
+
+    from .heads import ablate_heads
+
+    dormant = profile.dormant_heads()
+    if not dormant:
+        why = profile.head_outputs_dict().get("unavailable")
+        print(f"note: nothing to ablate ({why or 'no head is flagged dormant'})", file=sys.stderr)
+        return
+    ftm = profile.first_token_mass
+    others = [(profile.layers[int(i)], int(h)) for i, h in zip(*np.nonzero(ftm <= profile.threshold), strict=True)]
+    profile.ablation = ablate_heads(lm, prompt.text, [(d["layer"], d["head"]) for d in dormant],
+                                    control_from=others, name=prompt.name).to_dict()
 
 
 def _print_capture_notes(profile: SinkProfile) -> None:

@@ -236,6 +236,61 @@ def layer_activations(hidden: torch.Tensor, top: int = TOP_ACTIVATIONS) -> Layer
                             top_tokens=(at[best] // d).cpu().numpy(), top_dims=(at[best] % d).cpu().numpy())
 
 
+@dataclass
+class HeadOutputs:
+    """What each head of one layer writes into the residual stream: its attention output projected through its
+    slice of the output projection (``o_h W_O[:, h]``).
+
+    ``output_norm`` ``[H]``: the mean over queries q >= K of that vector's L2 norm (how much the head does);
+    ``first_row_norm`` ``[H]``: its norm at position 0, which attends only to itself, so that it is the norm of
+    the first token's projected value ``v_0 W_O[:, h]`` (for plain softmax attention: no output gate, no learned
+    sink); mass parked on the first token adds at most ``first_token_mass x first_row_norm`` to the output."""
+
+    output_norm: np.ndarray
+    first_row_norm: np.ndarray
+
+
+# A sink head is dormant when what it writes is small next to its layer's other heads: its mean projected
+# output below this fraction of the layer's median head (Guo et al. 2024's active-dormant heads; output-norm
+# scores find inactive heads better than attention alone). `report --ablate` tests the flag.
+DORMANT_RATIO = 0.5
+
+
+def output_ratio(output_norm: np.ndarray) -> np.ndarray:
+    """``[L, H]`` each head's mean projected output over its layer's median head (1 = a typical head)."""
+    med = np.median(output_norm, axis=-1, keepdims=True)
+    return np.divide(output_norm, med, out=np.zeros_like(output_norm, dtype=float), where=med > 0)
+
+
+def is_dormant(first_token_mass: np.ndarray, ratio: np.ndarray, threshold: float = SINK_THRESHOLD) -> np.ndarray:
+    """Dormant heads: sink heads (first-token mass above ``threshold``) whose output ratio
+    (:func:`output_ratio`) is below :data:`DORMANT_RATIO`."""
+    return (np.asarray(first_token_mass) > threshold) & (np.asarray(ratio) < DORMANT_RATIO)
+
+
+def head_outputs(x: torch.Tensor, weight: torch.Tensor, n_heads: int, k_max: int) -> HeadOutputs:
+    """:class:`HeadOutputs` of one layer from the input of its output projection ``x`` ``[T, H * D_v]`` (heads
+    side by side, as every attention module lays them out) and the projection's weight ``[hidden, H * D_v]``.
+
+    ``||o W_h^T||^2 = o (W_h^T W_h) o^T``: one ``[D_v, D_v]`` Gram matrix per head, so the cost is T x H x D_v^2,
+    a fraction D_v / hidden of the projection itself; float64 for the Gram matrices and the norms."""
+    t, width = x.shape
+    if width % n_heads or weight.shape[-1] != width:
+        raise ValueError(f"expected [T, heads x D_v] with a [hidden, {width}] weight, got {tuple(x.shape)} and "
+                         f"{tuple(weight.shape)} for {n_heads} heads")
+    d_v = width // n_heads
+    w = weight.detach().double().reshape(weight.shape[0], n_heads, d_v)
+    gram = torch.einsum("ohd,ohe->hde", w, w)  # [H, D_v, D_v]
+    norms = torch.empty(t, n_heads, dtype=torch.float64, device=x.device)
+    rows = max(1, ACTIVATION_BLOCK // width)
+    for r0 in range(0, t, rows):
+        o = x[r0: r0 + rows].detach().double().reshape(-1, n_heads, d_v)
+        sq = torch.einsum("thd,hde,the->th", o, gram, o)
+        norms[r0: r0 + o.shape[0]] = sq.clamp_min(0.0).sqrt()
+    counted = norms[k_max:] if t > k_max else norms
+    return HeadOutputs(output_norm=counted.mean(0).cpu().numpy(), first_row_norm=norms[0].cpu().numpy())
+
+
 # ------------------------------------------------------------------------------ statistics over query chunks
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import __version__, plots
+from . import __version__, metrics, plots
 from ._io import atomic_write_many, temp_path_for
 from .analysis import SCHEMA, Recommendation, attention_estimate
 from .errors import OutputError
@@ -504,6 +504,44 @@ def _inputs_html(profile: SinkProfile) -> str:
     return _card("BOS and chat template", _esc(_inputs_note(inputs)), body)
 
 
+DORMANT_COLUMNS = ["layer", "head", "first-token mass", "output / layer median", "output norm"]
+
+
+def _dormant_note(profile: SinkProfile) -> str:
+    return ("What each head writes into the residual stream: the norm of its attention output through its slice of "
+            "the output projection, mean over queries. A sink head whose output is below "
+            f"{metrics.DORMANT_RATIO:g}x its layer's median head is flagged dormant (Guo et al. 2024: heads that park "
+            "on the sink and do little).")
+
+
+def _dormant_rows(profile: SinkProfile) -> list[list[str]]:
+    return [[str(d["layer"]), str(d["head"]), f"{d['first_token_mass']:.3f}", f"{d['output_ratio']:.2f}",
+             f"{d['output_norm']:.4g}"] for d in profile.dormant_heads()]
+
+
+def _ablation_sentence(profile: SinkProfile) -> str | None:
+    ab = profile.ablation
+    if not ab:
+        return None
+    return (f"Ablation on {ab['prompt']} ({ab['n_tokens']} tokens, perplexity {ab['base_ppl']:.3f}): "
+            f"{ab['verdict']}.")
+
+
+def _dormant_html(profile: SinkProfile) -> str:
+    info = profile.head_outputs_dict()
+    if "unavailable" in info:
+        body = f'<p class="note">No head outputs: {_esc(info["unavailable"])}.</p>'
+    else:
+        rows = _dormant_rows(profile)
+        body = (_html_table(DORMANT_COLUMNS, rows) if rows else
+                '<p class="note">No sink head is dormant by this rule.</p>')
+        sentence = _ablation_sentence(profile)
+        body += (f'<p class="verdict">{_esc(sentence)}</p>' if sentence else
+                 '<p class="note">Not ablated (<code>sinkscope report --ablate</code> zeroes the flagged heads and '
+                 "measures the perplexity change against random other heads).</p>")
+    return _card("Dormant heads", _esc(_dormant_note(profile)), body)
+
+
 def _attention_html(profile: SinkProfile, n: int) -> str:
     which = next((i for i, p in enumerate(profile.prompts) if p.attention is not None), None)
     if which is None:
@@ -606,6 +644,7 @@ def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
               "magnitude (Sun et al. 2024), which is what makes a token a sink.",
               _activations_html(profile)),
         _inputs_html(profile),
+        _dormant_html(profile),
         _card("Attention entropy", "Mean entropy of each head's attention (nats): low is focused, high is spread.",
               _fig_html(plots.entropy_heatmap(profile), "fig-entropy")),
         _card("Sink rate per prompt", "", _fig_html(plots.per_prompt_sink_rate(profile), "fig-prompt-rate")),
@@ -723,6 +762,17 @@ def render_markdown(profile: SinkProfile) -> str:
                    else "No layer has a massive activation."), "",
                 _md_table(["layer", "first-token norm", "median token norm", "largest activation", "token", "dim",
                            "x median", "massive"], _activation_rows(acts_prompt), "rrrrlrrl"), ""]
+
+    info = profile.head_outputs_dict()
+    out += ["## Dormant heads", ""]
+    if "unavailable" in info:
+        out += [f"No head outputs: {_md(info['unavailable'])}.", ""]
+    else:
+        rows = _dormant_rows(profile)
+        out += [_md(_dormant_note(profile)), "",
+                _md_table(DORMANT_COLUMNS, rows, "rrrrr") if rows else "No sink head is dormant by this rule.", ""]
+        sentence = _ablation_sentence(profile)
+        out += [_md(sentence) if sentence else "Not ablated (`sinkscope report --ablate` tests the flag).", ""]
 
     if profile.inputs:
         inp = profile.inputs

@@ -19,6 +19,7 @@ import weakref
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from .errors import CaptureError, ConfigError
@@ -341,6 +342,28 @@ def attention_modules(model: nn.Module) -> dict[int, nn.Module]:
     scheme = attention_scheme(model)
     layers = decoder_layers(model)
     return {i: _attention_child(layers[i]) for i in scheme.attention_layers}  # type: ignore[misc]
+
+
+# The attention module's output projection, by the names transformers' families give it (Llama o_proj, OPT/MPT/
+# GPT-J out_proj, Falcon/Bloom/GPT-NeoX/Phi dense, GPT-2 c_proj).
+OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "dense", "c_proj")
+
+
+def output_projection(attn: nn.Module, width: int) -> tuple[nn.Module, torch.Tensor] | str:
+    """The attention module's output projection and its weight as ``[hidden, width]`` (``width`` = heads x value
+    head dim, its input), or why there is none that sinkscope can read per head."""
+    for name in OUTPUT_PROJECTIONS:
+        proj = getattr(attn, name, None)
+        weight = getattr(proj, "weight", None)
+        if not isinstance(proj, nn.Module) or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        if isinstance(proj, nn.Linear) and weight.shape[1] == width:
+            return proj, weight
+        if type(proj).__name__ == "Conv1D" and weight.shape[0] == width:  # GPT-2's [in, out] layout
+            return proj, weight.t()
+        return f"its output projection {name} is {tuple(weight.shape)}, not [hidden, {width}] (heads x value dim)"
+    return (f"{type(attn).__name__} has no output projection named {', '.join(OUTPUT_PROJECTIONS)} that takes "
+            "the heads side by side")
 
 
 def _attention_child(layer: nn.Module) -> nn.Module | None:

@@ -1,0 +1,165 @@
+"""What each head writes (metrics.head_outputs, capture_head_outputs), the dormant-head flag and its ablation
+(sinkscope.heads), against independent computations: each head's slice pushed through the model's own output
+projection, values recomputed from v_proj, and models whose projection columns are zeroed by hand."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import TEXT_60, build_gpt2, build_llama, loaded
+
+from sinkscope import analyze, capture_head_outputs, metrics, scheme
+from sinkscope.cli import main
+from sinkscope.errors import ConfigError
+from sinkscope.heads import ablate_heads, perplexity, zero_heads
+from sinkscope.report import render_markdown
+
+K = 4
+
+
+def _per_head_norms(proj: torch.nn.Module, x: torch.Tensor, n_heads: int) -> np.ndarray:
+    """``[T, H]`` norms of each head's slice through ``proj`` itself (bias removed), other heads zeroed."""
+    d_v = x.shape[-1] // n_heads
+    zero = proj(torch.zeros_like(x[:1]))
+    out = []
+    for h in range(n_heads):
+        xh = torch.zeros_like(x)
+        xh[:, h * d_v: (h + 1) * d_v] = x[:, h * d_v: (h + 1) * d_v]
+        out.append(torch.linalg.vector_norm((proj(xh) - zero).double(), dim=-1))
+    return torch.stack(out, -1).detach().numpy()
+
+
+def test_head_outputs_equal_each_slice_through_the_projection():
+    torch.manual_seed(0)
+    proj = torch.nn.Linear(24, 40, bias=True)
+    x = torch.randn(30, 24)
+    got = metrics.head_outputs(x, proj.weight, n_heads=4, k_max=K)
+    ref = _per_head_norms(proj, x, 4)
+    np.testing.assert_allclose(got.output_norm, ref[K:].mean(0), rtol=1e-6)
+    np.testing.assert_allclose(got.first_row_norm, ref[0], rtol=1e-6)
+    with pytest.raises(ValueError, match="heads x D_v"):
+        metrics.head_outputs(x, proj.weight, n_heads=5, k_max=K)
+
+
+@pytest.mark.parametrize("build", [build_llama, build_gpt2], ids=["llama", "gpt2-conv1d"])
+def test_capture_matches_the_projection_of_each_head(build, tok_bos):
+    model = build()
+    ids = tok_bos(TEXT_60, return_tensors="pt").input_ids
+    inputs: dict[int, torch.Tensor] = {}
+    mods = scheme.attention_modules(model)
+    projs = {i: getattr(m, "o_proj", None) or m.c_proj for i, m in mods.items()}
+    hooks = [p.register_forward_pre_hook(lambda _m, a, i=i: inputs.__setitem__(i, a[0][0].detach()))
+             for i, p in projs.items()]
+    with capture_head_outputs(model, k_max=K) as heads, torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    for h in hooks:
+        h.remove()
+    n_heads = model.config.num_attention_heads
+    assert sorted(heads.layers) == sorted(mods) and heads.unavailable is None
+    for i, x in inputs.items():
+        ref = _per_head_norms(projs[i], x, n_heads)
+        np.testing.assert_allclose(heads.layers[i].output_norm, ref[K:].mean(0), rtol=1e-5)
+        np.testing.assert_allclose(heads.layers[i].first_row_norm, ref[0], rtol=1e-5)
+    if build is build_llama:  # position 0's output is its own value: recompute it from v_proj
+        attn, layer0 = mods[1], model.model.layers[1]
+        d = model.config.hidden_size // n_heads
+        group = n_heads // model.config.num_key_value_heads
+        with torch.no_grad():
+            v = attn.v_proj(layer0.input_layernorm(out.hidden_states[1][0, :1]))[0]
+            w = attn.o_proj.weight
+            want = [float(torch.linalg.vector_norm(w[:, h * d:(h + 1) * d] @ v[(h // group) * d:(h // group + 1) * d]))
+                    for h in range(n_heads)]
+        np.testing.assert_allclose(heads.layers[1].first_row_norm, want, rtol=1e-5)
+
+
+def test_dormant_rule():
+    ftm = np.array([[0.9, 0.9, 0.1, 0.9]])
+    norm = np.array([[1.0, 4.0, 0.1, 3.0]])  # median 2.0
+    ratio = metrics.output_ratio(norm)
+    np.testing.assert_allclose(ratio, [[0.5, 2.0, 0.05, 1.5]])
+    assert metrics.is_dormant(ftm, ratio, 0.3).tolist() == [[False, False, False, False]]  # 0.5 is not below
+    assert metrics.is_dormant(ftm, ratio * 0.9, 0.3).tolist() == [[True, False, False, False]]  # not a sink: no
+
+
+def test_zero_heads_equals_zeroed_projection_columns(tok_bos):
+    lm = loaded(build_llama(seed=7), tok_bos, "tiny")
+    ids = tok_bos(TEXT_60, return_tensors="pt").input_ids
+    heads = [(0, 1), (2, 3)]
+    d = lm.model.config.hidden_size // lm.model.config.num_attention_heads
+    by_hand = copy.deepcopy(lm.model)
+    with torch.no_grad():
+        for layer, h in heads:
+            by_hand.model.layers[layer].self_attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
+        want, intact = by_hand(ids).logits, lm.model(ids).logits
+        with zero_heads(lm.model, heads):
+            got = lm.model(ids).logits
+        after = lm.model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(after, intact)  # the hooks are gone
+    with pytest.raises(ConfigError, match="there is no head 9"), zero_heads(lm.model, [(0, 9)]):
+        pass
+    with pytest.raises(ConfigError, match="layer 7 has no softmax attention"), zero_heads(lm.model, [(7, 0)]):
+        pass
+
+
+def test_ablation_against_the_models_own_loss(tok_bos):
+    lm = loaded(build_llama(seed=8), tok_bos, "tiny")
+    ids = tok_bos(TEXT_60, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base = math.exp(float(lm.model(ids, labels=ids).loss))
+    assert perplexity(lm, ids) == pytest.approx(base, rel=1e-5)
+    pool = [(0, 0), (0, 2), (1, 1), (2, 0)]
+    ab = ablate_heads(lm, TEXT_60, [(1, 2)], control_from=pool, seed=3)
+    assert ab.base_ppl == pytest.approx(base, rel=1e-5) and ab.n_tokens == ids.shape[1]
+    assert len(ab.control_heads) == 1 and ab.control_heads[0] in pool
+    d = lm.model.config.hidden_size // lm.model.config.num_attention_heads
+    for heads, got in (([(1, 2)], ab.ablated_ppl), (ab.control_heads, ab.control_ppl)):
+        by_hand = copy.deepcopy(lm.model)
+        with torch.no_grad():
+            for layer, h in heads:
+                by_hand.model.layers[layer].self_attn.o_proj.weight[:, h * d:(h + 1) * d] = 0
+            want = math.exp(float(by_hand(ids, labels=ids).loss))
+        assert got == pytest.approx(want, rel=1e-5)
+    doc = ab.to_dict()
+    assert doc["change"] == pytest.approx(ab.ablated_ppl / ab.base_ppl - 1, rel=1e-9) and "zeroing the 1 flagged head" in \
+        doc["verdict"]
+    with pytest.raises(ConfigError, match="no heads"):
+        ablate_heads(lm, TEXT_60, [])
+
+
+def test_analysis_and_report_carry_head_outputs(sink_llama, monkeypatch):
+    profile = analyze(sink_llama, TEXT_60, k_max=K, progress=False)
+    assert profile.output_norm.shape == profile.first_token_mass.shape
+    doc = profile.to_dict()["head_outputs"]
+    assert len(doc["output_norm"]) == len(profile.layers) and doc["dormant_ratio"] == metrics.DORMANT_RATIO
+    monkeypatch.setattr(metrics, "DORMANT_RATIO", 10.0)  # every sink head flagged
+    assert len(profile.dormant_heads()) == len(profile.sink_heads())
+    assert "## Dormant heads" in render_markdown(profile)
+    monkeypatch.setattr(scheme, "OUTPUT_PROJECTIONS", ("no_such_projection",))
+    profile = analyze(sink_llama, TEXT_60, k_max=K, progress=False)
+    assert profile.output_norm is None and profile.dormant_heads() == []
+    assert "no output projection named no_such_projection" in profile.to_dict()["head_outputs"]["unavailable"]
+    assert "No head outputs: " in render_markdown(profile)
+
+
+def test_report_ablate(capsys, llama_dir, tmp_path, monkeypatch):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text(TEXT_60)
+    args = ["report", str(llama_dir), "--prompt-file", str(prompt), "--k-max", str(K), "--no-validate",
+            "--no-inputs", "--quiet", "--ablate"]
+    rc = main([*args, "--out", str(tmp_path / "a")])
+    _, err = capsys.readouterr()
+    assert rc == 0 and ("nothing to ablate" in err) == (json.loads((tmp_path / "a" / "report.json").read_text())
+                                                         ["ablation"] is None)
+    monkeypatch.setattr(metrics, "DORMANT_RATIO", 100.0)  # every head a sink head (threshold 0), all flagged
+    rc = main([*args, "--threshold", "0.001", "--out", str(tmp_path / "b")])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    ab = json.loads((tmp_path / "b" / "report.json").read_text())["ablation"]
+    assert ab is not None and ab["heads"] and ab["control_ppl"] is None and "ablation: zeroing the" in stdout
+    assert "Ablation on p" in (tmp_path / "b" / "report.md").read_text()
