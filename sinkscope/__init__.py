@@ -15,7 +15,16 @@ independent reference (``docs/models.md``).
 """
 
 from .analysis import PromptResult, Recommendation, SinkPosition, SinkProfile, analyze
-from .capture import Capture, HeadOutputCapture, StatsCapture, capture, capture_head_outputs, capture_stats
+from .capture import (
+    Capture,
+    GeometryCapture,
+    HeadOutputCapture,
+    StatsCapture,
+    capture,
+    capture_geometry,
+    capture_head_outputs,
+    capture_stats,
+)
 from .checks import SupportRow, check_model
 from .errors import SinkscopeError
 from .inputs import InputSensitivity, InputVariant, input_sensitivity
@@ -31,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionScheme",
     "Capture",
+    "GeometryCapture",
     "HeadOutputCapture",
     "InputSensitivity",
     "InputVariant",
@@ -50,6 +60,7 @@ __all__ = [
     "analyze",
     "attention_scheme",
     "capture",
+    "capture_geometry",
     "capture_head_outputs",
     "capture_stats",
     "check_model",

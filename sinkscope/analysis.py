@@ -17,6 +17,7 @@ from .capture import (
     CPU_BLOCK_BYTES,
     capture,
     capture_activations,
+    capture_geometry,
     capture_head_outputs,
     capture_stats,
     default_block_bytes,
@@ -139,6 +140,10 @@ class PromptResult:
     output_norm: np.ndarray | None = None
     first_row_norm: np.ndarray | None = None
     head_outputs_unavailable: str | None = None
+    # name -> [L, H] (metrics.KeyGeometry's fields: sink_key_cos, other_key_cos, sink_key_norm, key_norm_median);
+    # None with the reason for models whose attention does not go through transformers' attention interface.
+    geometry: dict[str, np.ndarray] | None = None
+    geometry_unavailable: str | None = None
 
 
 @dataclass
@@ -252,6 +257,21 @@ class SinkProfile:
                 for i, h in zip(*np.nonzero(metrics.is_dormant(ftm, ratio, thr)), strict=True)]
         return sorted(rows, key=lambda r: r["output_ratio"])
 
+    def geometry(self, name: str) -> np.ndarray | None:
+        """``[layers, heads]`` mean over prompts of a key-geometry field (``sink_key_cos``, ``other_key_cos``,
+        ``sink_key_norm``, ``key_norm_median``), or None where a prompt could not measure it."""
+        if not self.prompts or any(p.geometry is None for p in self.prompts):
+            return None
+        return np.mean([p.geometry[name] for p in self.prompts], axis=0)
+
+    def geometry_dict(self) -> dict[str, Any]:
+        """The ``key_geometry`` part of ``report.json``."""
+        if self.geometry("sink_key_cos") is None:
+            why = next((p.geometry_unavailable for p in self.prompts if p.geometry_unavailable), None)
+            return {"unavailable": why or "not measured"}
+        return {name: _round(self.geometry(name))
+                for name in ("sink_key_cos", "other_key_cos", "sink_key_norm", "key_norm_median")}
+
     def head_outputs_dict(self) -> dict[str, Any]:
         """The ``head_outputs`` part of ``report.json``."""
         norm, first = self.output_norm, self.first_row_norm
@@ -324,6 +344,7 @@ class SinkProfile:
                             else {"prompt": p.name, "unavailable": p.activations_unavailable} for p in self.prompts],
             "inputs": self.inputs,
             "head_outputs": self.head_outputs_dict(),
+            "key_geometry": self.geometry_dict(),
             "ablation": self.ablation,
             "per_prompt": [{"name": p.name, "first_token_mass": _round(p.first_token_mass),
                             "sink_rate": metrics.sink_rate(p.first_token_mass, self.threshold)}
@@ -893,13 +914,28 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
 
     base = getattr(lm.model, "base_model", None) or lm.model  # skip the LM head: logits are T x vocab floats
     device = next(lm.model.parameters()).device
+    geometry: dict[int, metrics.KeyGeometry] = {}
+    geometry_why = stats_supported(lm.model)  # key geometry needs the attention interface, as statistics mode
     if mode == "stats":
-        block = capture_stats(lm.model, k_max=k_max, layers=layers, map_size=map_size, on_layer=on_stats)
+        block = capture_stats(lm.model, k_max=k_max, layers=layers, map_size=map_size, on_layer=on_stats,
+                              on_geometry=geometry.__setitem__)
     else:
         block = capture(lm.model, layers=layers, keep_maps=False, on_layer=on_map)
     with block, capture_activations(lm.model) as acts, capture_head_outputs(lm.model, k_max=k_max) as heads, \
             torch.no_grad():
         base(input_ids=ids.to(device), use_cache=False)
+    if mode != "stats" and geometry_why is None:  # whole maps ran eager: one more (SDPA) forward for the geometry
+        with capture_geometry(lm.model, k_max=k_max, layers=layers) as geo, torch.no_grad():
+            base(input_ids=ids.to(device), use_cache=False)
+        geometry = geo.layers
+    geo_arrays: dict[str, np.ndarray] = {}
+    if geometry_why is None:
+        missing = [layer for layer in layers if layer not in geometry]
+        if missing:
+            geometry_why = f"layers {missing[:5]} did not reach the attention function"
+        else:
+            for name in ("sink_key_cos", "other_key_cos", "sink_key_norm", "key_norm_median"):
+                geo_arrays[name] = np.stack([getattr(geometry[layer], name) for layer in layers])
     output_norm = first_row = None
     heads_why = heads.unavailable
     if not heads_why:
@@ -934,7 +970,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
                         capture=mode, beyond_context=bool(spec.max_positions and t > spec.max_positions),
                         row_pass="; ".join(passes) or None, activations=activations,
                         activations_unavailable=acts.unavailable, output_norm=output_norm,
-                        first_row_norm=first_row, head_outputs_unavailable=heads_why)
+                        first_row_norm=first_row, head_outputs_unavailable=heads_why,
+                        geometry=geo_arrays or None, geometry_unavailable=geometry_why)
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:

@@ -44,9 +44,11 @@ from .metrics import (
     LOCAL_WINDOW,
     ChunkedStats,
     HeadOutputs,
+    KeyGeometry,
     LayerActivations,
     LayerStats,
     head_outputs,
+    key_geometry,
     layer_activations,
 )
 from .scheme import attention_modules, attention_scheme, check_layer_count, decoder_layers, output_projection
@@ -378,6 +380,7 @@ class _LayerJob:
         self.kind, self.window = kind, window  # the layer's kind and sliding window, from the scheme
         # Takes the GPU row pass's statistics while they are still on the device (default: finish at once).
         self.defer = defer or (lambda pending: self.done(self.layer, _gpu.finish([pending])[0]))
+        self.geometry: Callable[[int, KeyGeometry], None] | None = None  # also measure key geometry (O(T x K))
 
     def observe(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
                 scaling: float | None, softcap: float | None, sink: torch.Tensor | None = None) -> torch.Tensor:
@@ -399,6 +402,8 @@ class _LayerJob:
             raise CaptureError(f"the prompt has {t} tokens; statistics need at least K + 1 = {self.k_max + 1}")
         group = h // h_kv
         scale = scaling if scaling is not None else d ** -0.5
+        if self.geometry is not None:
+            self.geometry(self.layer, key_geometry(query[0], key[0], self.k_max))
         bins = pool_bins(t, self.map_size) if self.map_size else None
         why_not = _gpu.unusable(query, key, value, mask, self.kind, self.window)
         if why_not is None:  # the GPU row pass: attention with its LSE, then one kernel for the statistics
@@ -543,6 +548,10 @@ def _stats_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     :meth:`_LayerJob.attend` where SDPA would be wrong (learned sinks, ``s_aux``) or refuses (``softcap``)."""
     job = _jobs.get(id(module))
     softcap, sink = kwargs.get("softcap"), kwargs.get("s_aux")
+    if isinstance(job, _GeometryJob):  # geometry only: measure, then attend as any other module
+        with torch.no_grad():
+            job.observe(query.detach(), key.detach())
+        job = None
     if job is not None and not (module.training and dropout > 0):
         with torch.no_grad():
             out = job.observe(query.detach(), key.detach(), value.detach(), attention_mask, scaling, softcap,
@@ -575,7 +584,8 @@ def stats_supported(model: nn.Module) -> str | None:
 @contextmanager
 def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | None = None,
                   map_size: int | None = None, local: int = LOCAL_WINDOW, block_bytes: int | None = None,
-                  on_layer: Callable[[int, LayerStats], None] | None = None) -> Iterator[StatsCapture]:
+                  on_layer: Callable[[int, LayerStats], None] | None = None,
+                  on_geometry: Callable[[int, KeyGeometry], None] | None = None) -> Iterator[StatsCapture]:
     """Statistics mode: exact per-head sink metrics of a forward pass in the block, no T x T maps kept.
 
     ``StatsCapture.stats[layer]`` holds the numbers of the last forward pass run inside the block (run one
@@ -592,6 +602,8 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
             less exact (default: :func:`default_block_bytes` of each layer's device; at least one row).
         on_layer: called as ``on_layer(layer, stats)`` as soon as a layer is done (layers of the GPU row pass:
             when the forward's statistics come to the host, as the block exits or ``stats`` is read).
+        on_geometry: also measure each layer's key geometry (:func:`sinkscope.metrics.key_geometry`, from the same
+            queries and keys) and call ``on_geometry(layer, geometry)``.
 
     Example::
 
@@ -611,10 +623,57 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
     mine = {id(modules[i]): _LayerJob(i, k_max, map_size, local, block_bytes, cap.add, buffers,
                                       scheme.layers[i].kind, scheme.layers[i].window, cap._pending.append)
             for i in selected}
+    for job in mine.values():
+        job.geometry = on_geometry
     with routed_attention(model, STATS_IMPLEMENTATION, _jobs, _jobs_lock, mine, "a capture_stats block"):
         yield cap
     if cap.stats:  # a forward ran: every selected layer must have reached the attention function
         check_layer_count(scheme, set(cap.stats), selected, "stats")
+
+
+class _GeometryJob:
+    """Key geometry of one attention module for the forward pass in flight (the module then attends as usual)."""
+
+    def __init__(self, layer: int, k_max: int, out: dict[int, KeyGeometry]) -> None:
+        self.layer, self.k_max, self.out = layer, k_max, out
+
+    def observe(self, query: torch.Tensor, key: torch.Tensor) -> None:
+        if query.shape[0] != 1:
+            raise CaptureError(f"geometry capture takes one sequence per forward pass, got a batch of {query.shape[0]}")
+        if query.shape[2] != key.shape[2]:
+            raise CaptureError("geometry capture needs the whole prompt in one forward pass without a KV cache")
+        self.out[self.layer] = key_geometry(query[0], key[0], self.k_max)
+
+
+@dataclass
+class GeometryCapture:
+    """What a :func:`capture_geometry` block measured: ``layers[i]`` for every selected layer."""
+
+    layers: dict[int, KeyGeometry] = field(default_factory=dict)
+
+
+@contextmanager
+def capture_geometry(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | None = None
+                     ) -> Iterator[GeometryCapture]:
+    """Measure how each head's rotated queries meet the first token's key during a forward pass in the block
+    (:func:`sinkscope.metrics.key_geometry`); attention itself runs as SDPA (or exact blocked attention for
+    soft-capped and learned-sink models), as in statistics mode's unmeasured layers. The model must go through
+    transformers' attention interface (what statistics mode needs; :func:`stats_supported` says why not).
+
+    Example::
+
+        with sinkscope.capture_geometry(model, k_max=8) as geo, torch.no_grad():
+            model.model(input_ids=ids, use_cache=False)
+        geo.layers[3].sink_key_cos  # [heads]
+    """
+    scheme = attention_scheme(model)
+    scheme.require("stats")
+    modules = find_attention_modules(model)
+    cap = GeometryCapture()
+    mine = {id(modules[i]): _GeometryJob(i, k_max, cap.layers) for i in scheme.select_layers(layers)}
+    _register()
+    with routed_attention(model, STATS_IMPLEMENTATION, _jobs, _jobs_lock, mine, "a capture_geometry block"):
+        yield cap
 
 
 def bin_edges(length: int, size: int) -> list[tuple[int, int]]:

@@ -250,6 +250,62 @@ class HeadOutputs:
     first_row_norm: np.ndarray
 
 
+@dataclass
+class KeyGeometry:
+    """How each head's queries meet the first token's key (Gu et al. 2024: the sink key acts as a bias that
+    queries align with by direction more than by norm). Rotated queries and keys, as the scores see them.
+
+    ``sink_key_cos`` ``[H]``: the mean over queries q >= K of cos(q_q, k_0); ``other_key_cos`` ``[H]``: the mean
+    over the same queries of their mean cosine with the keys 1..q; ``sink_key_norm`` ``[H]``: the norm of k_0;
+    ``key_norm_median`` ``[H]``: the median norm of the keys 1..T-1."""
+
+    sink_key_cos: np.ndarray
+    other_key_cos: np.ndarray
+    sink_key_norm: np.ndarray
+    key_norm_median: np.ndarray
+
+
+def key_geometry(query: torch.Tensor, key: torch.Tensor, k_max: int) -> KeyGeometry:
+    """:class:`KeyGeometry` of one layer from its rotated queries ``[H, T, D]`` and keys ``[H_kv, T, D]`` (query
+    head h reads key head h // (H / H_kv)): O(T x H x D), blocks of queries, float64 sums."""
+    h, t, _ = query.shape
+    h_kv = key.shape[0]
+    if h % h_kv or t <= k_max:
+        raise ValueError(f"expected [H, T, D] queries over [H_kv, T, D] keys with T > K, got {tuple(query.shape)} "
+                         f"and {tuple(key.shape)}")
+    group = h // h_kv
+    dev = key.device
+    sink = key[:, 0].detach().double()
+    sink_norm = torch.linalg.vector_norm(sink, dim=-1)  # [H_kv]
+    sink_unit = (sink / sink_norm.clamp_min(1e-30)[:, None]).repeat_interleave(group, 0)  # [H, D]
+    norms = torch.empty(h_kv, t, dtype=torch.float64, device=dev)
+    carry = torch.zeros(h_kv, key.shape[-1], dtype=torch.float64, device=dev)  # sum of unit keys 1..q0-1
+    sink_cos = torch.zeros(h, dtype=torch.float64, device=dev)
+    other_cos = torch.zeros(h, dtype=torch.float64, device=dev)
+    rows = max(1, ACTIVATION_BLOCK // max(1, h * query.shape[-1]))
+    for q0 in range(0, t, rows):
+        q1 = min(t, q0 + rows)
+        kb = key[:, q0:q1].detach().double()
+        norms[:, q0:q1] = nb = torch.linalg.vector_norm(kb, dim=-1)
+        unit = kb / nb.clamp_min(1e-30)[..., None]
+        if q0 == 0:
+            unit[:, 0] = 0.0  # the sums run over keys 1..q: key 0 left out
+        sums = carry[:, None] + torch.cumsum(unit, 1)  # [H_kv, rows, D]: unit keys 1..q for each q of the block
+        carry = sums[:, -1]
+        first = max(q0, k_max) - q0  # the block's queries q >= K
+        if first >= q1 - q0:
+            continue
+        qb = query[:, q0 + first: q1].detach().double()
+        q_unit = qb / torch.linalg.vector_norm(qb, dim=-1, keepdim=True).clamp_min(1e-30)
+        counts = torch.arange(q0 + first, q1, device=dev, dtype=torch.float64)  # keys 1..q: q of them
+        sink_cos += (q_unit * sink_unit[:, None]).sum((-1, -2))
+        other_cos += (q_unit * (sums[:, first:] / counts[None, :, None]).repeat_interleave(group, 0)).sum((-1, -2))
+    n = t - k_max
+    return KeyGeometry(sink_key_cos=(sink_cos / n).cpu().numpy(), other_key_cos=(other_cos / n).cpu().numpy(),
+                       sink_key_norm=sink_norm.repeat_interleave(group, 0).cpu().numpy(),
+                       key_norm_median=norms[:, 1:].median(-1).values.repeat_interleave(group, 0).cpu().numpy())
+
+
 # A sink head is dormant when what it writes is small next to its layer's other heads: its mean projected
 # output below this fraction of the layer's median head (Guo et al. 2024's active-dormant heads; output-norm
 # scores find inactive heads better than attention alone). `report --ablate` tests the flag.

@@ -504,6 +504,55 @@ def _inputs_html(profile: SinkProfile) -> str:
     return _card("BOS and chat template", _esc(_inputs_note(inputs)), body)
 
 
+GEOMETRY_COLUMNS = ["layer", "sink heads", "cos(q, k0)", "cos(q, other keys)", "|k0| / median |k|",
+                    "|v0 W_O| / output"]
+
+
+def _geometry_summary(profile: SinkProfile) -> str | None:
+    """One sentence on the sink heads' geometry (None when it was not measured or there are no sink heads)."""
+    sc, oc = profile.geometry("sink_key_cos"), profile.geometry("other_key_cos")
+    sn, kn = profile.geometry("sink_key_norm"), profile.geometry("key_norm_median")
+    sink = profile.first_token_mass > profile.threshold
+    if sc is None or oc is None or sn is None or kn is None or not sink.any():
+        return None
+    ratio = np.divide(sn, kn, out=np.zeros_like(sn), where=kn > 0)
+    return (f"Over the {int(sink.sum())} sink heads, queries meet the first token's key at a mean cosine of "
+            f"{sc[sink].mean():.3f}, against {oc[sink].mean():.3f} for the other keys they see; that key's norm is "
+            f"{ratio[sink].mean():.2f}x the median key's (direction, more than norm, makes the sink: Gu et al. "
+            "2024).")
+
+
+def _geometry_rows(profile: SinkProfile) -> list[list[str]]:
+    sc, oc = profile.geometry("sink_key_cos"), profile.geometry("other_key_cos")
+    sn, kn = profile.geometry("sink_key_norm"), profile.geometry("key_norm_median")
+    first, out = profile.first_row_norm, profile.output_norm
+    sink = profile.first_token_mass > profile.threshold
+    rows = []
+    for i, layer in enumerate(profile.layers):
+        vo = "—" if first is None or out is None else f"{np.mean(first[i] / np.maximum(out[i], 1e-30)):.2f}"
+        rows.append([str(layer), str(int(sink[i].sum())), f"{sc[i].mean():.3f}", f"{oc[i].mean():.3f}",
+                     f"{np.mean(sn[i] / np.maximum(kn[i], 1e-30)):.2f}", vo])
+    return rows
+
+
+def _geometry_note() -> str:
+    return ("How each layer's queries (rotated, as the scores see them) meet the first token's key, mean over heads "
+            "and queries q >= K: their cosine with k0 and their mean cosine with the other keys they see; k0's norm "
+            "against the median key's; and what the first token's value adds through the output projection "
+            "against the head's mean output (a small value makes parked mass a near no-op).")
+
+
+def _geometry_html(profile: SinkProfile) -> str:
+    info = profile.geometry_dict()
+    if "unavailable" in info:
+        body = f'<p class="note">No key geometry: {_esc(info["unavailable"])}.</p>'
+    else:
+        summary = _geometry_summary(profile)
+        body = (f'<p class="verdict">{_esc(summary)}</p>' if summary else "") + _html_table(
+            GEOMETRY_COLUMNS, _geometry_rows(profile))
+    return _card("How queries meet the first token", _esc(_geometry_note()), body)
+
+
 DORMANT_COLUMNS = ["layer", "head", "first-token mass", "output / layer median", "output norm"]
 
 
@@ -644,6 +693,7 @@ def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
               "magnitude (Sun et al. 2024), which is what makes a token a sink.",
               _activations_html(profile)),
         _inputs_html(profile),
+        _geometry_html(profile),
         _dormant_html(profile),
         _card("Attention entropy", "Mean entropy of each head's attention (nats): low is focused, high is spread.",
               _fig_html(plots.entropy_heatmap(profile), "fig-entropy")),
@@ -762,6 +812,15 @@ def render_markdown(profile: SinkProfile) -> str:
                    else "No layer has a massive activation."), "",
                 _md_table(["layer", "first-token norm", "median token norm", "largest activation", "token", "dim",
                            "x median", "massive"], _activation_rows(acts_prompt), "rrrrlrrl"), ""]
+
+    geo = profile.geometry_dict()
+    out += ["## How queries meet the first token", ""]
+    if "unavailable" in geo:
+        out += [f"No key geometry: {_md(geo['unavailable'])}.", ""]
+    else:
+        summary = _geometry_summary(profile)
+        out += [_md(_geometry_note()), ""] + ([_md(summary), ""] if summary else []) + [
+            _md_table(GEOMETRY_COLUMNS, _geometry_rows(profile), "rrrrrr"), ""]
 
     info = profile.head_outputs_dict()
     out += ["## Dormant heads", ""]

@@ -126,8 +126,8 @@ def test_ablation_against_the_models_own_loss(tok_bos):
             want = math.exp(float(by_hand(ids, labels=ids).loss))
         assert got == pytest.approx(want, rel=1e-5)
     doc = ab.to_dict()
-    assert doc["change"] == pytest.approx(ab.ablated_ppl / ab.base_ppl - 1, rel=1e-9) and "zeroing the 1 flagged head" in \
-        doc["verdict"]
+    assert doc["change"] == pytest.approx(ab.ablated_ppl / ab.base_ppl - 1, rel=1e-9)
+    assert "zeroing the 1 flagged head" in doc["verdict"]
     with pytest.raises(ConfigError, match="no heads"):
         ablate_heads(lm, TEXT_60, [])
 
@@ -163,3 +163,87 @@ def test_report_ablate(capsys, llama_dir, tmp_path, monkeypatch):
     ab = json.loads((tmp_path / "b" / "report.json").read_text())["ablation"]
     assert ab is not None and ab["heads"] and ab["control_ppl"] is None and "ablation: zeroing the" in stdout
     assert "Ablation on p" in (tmp_path / "b" / "report.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------- key geometry
+
+
+def _loop_geometry(q: np.ndarray, k: np.ndarray, k_max: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean cos(q_i, k_0), mean over i of the mean cos(q_i, k_j), j = 1..i), i >= K, with explicit loops."""
+    h, t = q.shape[:2]
+    group = h // k.shape[0]
+
+    def cos(a, b):
+        return a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+
+    sink, other = np.zeros(h), np.zeros(h)
+    for hh in range(h):
+        kk, qq = k[hh // group], q[hh]
+        sink[hh] = np.mean([cos(qq[i], kk[0]) for i in range(k_max, t)])
+        other[hh] = np.mean([np.mean([cos(qq[i], kk[j]) for j in range(1, i + 1)]) for i in range(k_max, t)])
+    return sink, other
+
+
+def test_key_geometry_against_loops(monkeypatch):
+    monkeypatch.setattr(metrics, "ACTIVATION_BLOCK", 4 * 8 * 7)  # blocks of 7 queries: the carry between blocks
+    torch.manual_seed(1)
+    q, k = torch.randn(4, 40, 8), torch.randn(2, 40, 8)
+    got = metrics.key_geometry(q, k, K)
+    sink, other = _loop_geometry(q.double().numpy(), k.double().numpy(), K)
+    np.testing.assert_allclose(got.sink_key_cos, sink, atol=1e-12)
+    np.testing.assert_allclose(got.other_key_cos, other, atol=1e-12)
+    norms = np.linalg.norm(k.double().numpy(), axis=-1)
+    np.testing.assert_allclose(got.sink_key_norm, np.repeat(norms[:, 0], 2), rtol=1e-12)
+    np.testing.assert_allclose(got.key_norm_median, np.repeat(np.sort(norms[:, 1:])[:, 19], 2), rtol=1e-12)
+
+
+def test_capture_geometry_sees_what_transformers_passes(tok_bos):
+    """The queries and keys transformers hands to an attention function (recorded by a function registered here,
+    not by sinkscope), through explicit loops, against capture_geometry and analyze in both modes."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    from sinkscope import capture_geometry
+
+    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def record(module, query, key, value, mask, **kw):
+        seen[module.layer_idx] = (query[0].detach().double().numpy(), key[0].detach().double().numpy())
+        return sdpa_attention_forward(module, query, key, value, mask, **kw)
+
+    AttentionInterface.register("test_record_qk", record)
+    AttentionMaskInterface.register("test_record_qk", sdpa_mask)
+    model = build_llama(seed=9)
+    lm = loaded(model, tok_bos, "tiny")
+    ids = tok_bos(TEXT_60, return_tensors="pt").input_ids
+    model.set_attn_implementation("test_record_qk")
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.set_attn_implementation("sdpa")
+    with capture_geometry(model, k_max=K) as geo, torch.no_grad():
+        model(input_ids=ids)
+    profiles = [analyze(lm, TEXT_60, k_max=K, mode=m, map_size=None, progress=False) for m in ("maps", "stats")]
+    for layer, (q, k) in seen.items():
+        sink, other = _loop_geometry(q, k, K)
+        np.testing.assert_allclose(geo.layers[layer].sink_key_cos, sink, atol=1e-6)
+        np.testing.assert_allclose(geo.layers[layer].other_key_cos, other, atol=1e-6)
+        for p in profiles:
+            np.testing.assert_allclose(p.geometry("sink_key_cos")[layer], sink, atol=1e-6)
+            np.testing.assert_allclose(p.geometry("other_key_cos")[layer], other, atol=1e-6)
+    assert set(profiles[0].to_dict()["key_geometry"]) == {"sink_key_cos", "other_key_cos", "sink_key_norm",
+                                                          "key_norm_median"}
+
+
+def test_sink_llama_aligns_with_its_sink_key_and_the_report_says_so(sink_llama, monkeypatch):
+    from sinkscope import analysis
+
+    profile = analyze(sink_llama, TEXT_60, k_max=K, progress=False)
+    assert (profile.geometry("sink_key_cos") > 0.9).all() and (abs(profile.geometry("other_key_cos")) < 0.2).all()
+    md = render_markdown(profile)
+    assert "## How queries meet the first token" in md and "Over the 12 sink heads" in md
+    monkeypatch.setattr(analysis, "stats_supported", lambda model: "its attention is not the interface (test)")
+    profile = analyze(sink_llama, TEXT_60, k_max=K, progress=False)
+    assert profile.geometry("sink_key_cos") is None
+    assert profile.to_dict()["key_geometry"] == {"unavailable": "its attention is not the interface (test)"}
+    assert "No key geometry: its attention is not the interface (test)." in render_markdown(profile)
