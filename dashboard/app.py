@@ -26,7 +26,7 @@ from sinkscope import plots
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 from sinkscope.prompts import Prompt, sample_prompts
-from sinkscope.report import recommendation_markdown
+from sinkscope.report import mechanism_markdown, recommendation_markdown
 from sinkscope.streaming.evaluate import MIN_TARGETS
 from sinkscope.streaming.memory import format_bytes
 
@@ -161,6 +161,7 @@ def _layout(svc: Services) -> html.Div:
                 _graph("sink-curves", 430),
                 _graph("sink-positions", 360),
                 _graph("activations", 340),
+                html.Div(dcc.Markdown(id="mechanism", children=""), className="card"),
             ], className="pane"),
             html.Section([
                 html.H2("Live stream"),
@@ -291,11 +292,11 @@ def _register(app: Dash, svc: Services) -> None:
                   Output("heatmap", "figure"), Output("sink-curves", "figure"), Output("sink-positions", "figure"),
                   Output("activations", "figure"), Output("recommendation", "children"), Output("head", "data"),
                   Output("heatmap-view", "options"), Output("heatmap-view", "value"),
-                  Output("heatmap-views", "hidden"),
+                  Output("heatmap-views", "hidden"), Output("mechanism", "children"),
                   Input("analysis-poll", "n_intervals"), State("analysis-job", "data"), State("heatmap-view", "value"),
                   prevent_initial_call=True)
     def poll_analysis(_n: int, job_id: str | None, view: str | None):
-        keep = (no_update,) * 9
+        keep = (no_update,) * 10
         job = analyses.get(job_id)
         if job is None:
             return (html.Span("This analysis is gone from the server (it restarted); press Analyze again.",
@@ -316,7 +317,8 @@ def _register(app: Dash, svc: Services) -> None:
         return (status, True, _heatmap(p, shown), plots.sink_mass_curves(p),
                 plots.sink_positions_chart(p), plots.massive_activations(p), recommendation_markdown(p),
                 {"layer": layer, "head": head},
-                _view_options(views), shown if shown != view else no_update, len(views) < 2)
+                _view_options(views), shown if shown != view else no_update, len(views) < 2,
+                mechanism_markdown(p, level="###"))
 
     @app.callback(Output("heatmap", "figure", allow_duplicate=True), Input("heatmap-view", "value"),
                   State("analysis-job", "data"), prevent_initial_call=True)

@@ -758,6 +758,33 @@ def recommendation_markdown(profile: SinkProfile) -> str:
     return "\n".join(out)
 
 
+def mechanism_markdown(profile: SinkProfile, level: str = "##") -> str:
+    """Why the model sinks, in Markdown: how queries meet the first token's key, and the dormant heads with
+    their ablation (``report.md`` and the dashboard's card)."""
+    out: list[str] = []
+    geo = profile.geometry_dict()
+    out += [f"{level} How queries meet the first token", ""]
+    if "unavailable" in geo:
+        out += [f"No key geometry: {_md(geo['unavailable'])}.", ""]
+    else:
+        summary = _geometry_summary(profile)
+        out += [_md(_geometry_note()), ""] + ([_md(summary), ""] if summary else []) + [
+            _md_table(GEOMETRY_COLUMNS, _geometry_rows(profile), "rrrrrr"), ""]
+
+    info = profile.head_outputs_dict()
+    out += [f"{level} Dormant heads", ""]
+    if "unavailable" in info:
+        out += [f"No head outputs: {_md(info['unavailable'])}.", ""]
+    else:
+        rows = _dormant_rows(profile)
+        out += [_md(_dormant_note(profile)), "",
+                _md_table(DORMANT_COLUMNS, rows, "rrrrr") if rows else "No sink head is dormant by this rule.", ""]
+        sentence = _ablation_sentence(profile)
+        out += [_md(sentence) if sentence else "Not ablated (`sinkscope report --ablate` tests the flag).", ""]
+
+    return "\n".join(out).rstrip()
+
+
 def render_markdown(profile: SinkProfile) -> str:
     """``report.md``: the summary tables in Markdown (token text with ``|`` and newlines escaped)."""
     m = profile.model
@@ -813,25 +840,7 @@ def render_markdown(profile: SinkProfile) -> str:
                 _md_table(["layer", "first-token norm", "median token norm", "largest activation", "token", "dim",
                            "x median", "massive"], _activation_rows(acts_prompt), "rrrrlrrl"), ""]
 
-    geo = profile.geometry_dict()
-    out += ["## How queries meet the first token", ""]
-    if "unavailable" in geo:
-        out += [f"No key geometry: {_md(geo['unavailable'])}.", ""]
-    else:
-        summary = _geometry_summary(profile)
-        out += [_md(_geometry_note()), ""] + ([_md(summary), ""] if summary else []) + [
-            _md_table(GEOMETRY_COLUMNS, _geometry_rows(profile), "rrrrrr"), ""]
-
-    info = profile.head_outputs_dict()
-    out += ["## Dormant heads", ""]
-    if "unavailable" in info:
-        out += [f"No head outputs: {_md(info['unavailable'])}.", ""]
-    else:
-        rows = _dormant_rows(profile)
-        out += [_md(_dormant_note(profile)), "",
-                _md_table(DORMANT_COLUMNS, rows, "rrrrr") if rows else "No sink head is dormant by this rule.", ""]
-        sentence = _ablation_sentence(profile)
-        out += [_md(sentence) if sentence else "Not ablated (`sinkscope report --ablate` tests the flag).", ""]
+    out += [mechanism_markdown(profile), ""]
 
     if profile.inputs:
         inp = profile.inputs

@@ -114,6 +114,8 @@ def test_page_loads_analysis_renders_and_head_click_updates_the_map(dash_duo, ap
     assert dash_duo.find_elements("#sink-positions .barlayer .trace")
     dash_duo.wait_for_contains_text("#activations .gtitle", "Residual norms per layer", timeout=10)
     assert len(dash_duo.find_elements("#activations .scatterlayer .trace")) >= 3  # first, median, largest
+    dash_duo.wait_for_contains_text("#mechanism", "How queries meet the first token", timeout=10)
+    assert "Dormant heads" in dash_duo.find_element("#mechanism").text
 
     # Click the top-left cell (layer 0, head 0), then the bottom-right one (layer 2, head 3): 3 x 4 cells.
     drag = dash_duo.find_element("#heatmap .nsewdrag")

@@ -259,6 +259,7 @@ def test_analysis_view_shows_learned_sinks_only_for_models_that_have_them(tiny_l
         out = poll(1, job.id, "first-token")
         heatmap, options, value, hidden = out[2], out[8], out[9], out[10]
         assert "Residual norms per layer" in out[5].layout.title.text  # the massive-activations figure
+        assert "### How queries meet the first token" in out[11] and "### Dormant heads" in out[11]
         assert [o["value"] for o in options] == ["first-token", "learned-sink"] and hidden is False
         assert value is no_update  # the user's pick stays
         np.testing.assert_allclose(np.asarray(heatmap.data[0].customdata), LEARNED)  # hover: learned-sink mass

@@ -17,7 +17,7 @@ from sinkscope import analyze, capture_head_outputs, metrics, scheme
 from sinkscope.cli import main
 from sinkscope.errors import ConfigError
 from sinkscope.heads import ablate_heads, perplexity, zero_heads
-from sinkscope.report import render_markdown
+from sinkscope.report import render_html, render_markdown
 
 K = 4
 
@@ -242,6 +242,8 @@ def test_sink_llama_aligns_with_its_sink_key_and_the_report_says_so(sink_llama, 
     assert (profile.geometry("sink_key_cos") > 0.9).all() and (abs(profile.geometry("other_key_cos")) < 0.2).all()
     md = render_markdown(profile)
     assert "## How queries meet the first token" in md and "Over the 12 sink heads" in md
+    html = render_html(profile)
+    assert "<h2>How queries meet the first token</h2>" in html and "<h2>Dormant heads</h2>" in html
     monkeypatch.setattr(analysis, "stats_supported", lambda model: "its attention is not the interface (test)")
     profile = analyze(sink_llama, TEXT_60, k_max=K, progress=False)
     assert profile.geometry("sink_key_cos") is None
