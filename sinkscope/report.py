@@ -542,10 +542,15 @@ def _geometry_note() -> str:
             "against the head's mean output (a small value makes parked mass a near no-op).")
 
 
+def _missing(info: dict[str, Any], what: str) -> str | None:
+    """"No <what>: <why>." for a part of report.json that says why it is empty, else None."""
+    return f"No {what}: {info['unavailable']}." if "unavailable" in info else None
+
+
 def _geometry_html(profile: SinkProfile) -> str:
-    info = profile.geometry_dict()
-    if "unavailable" in info:
-        body = f'<p class="note">No key geometry: {_esc(info["unavailable"])}.</p>'
+    missing = _missing(profile.geometry_dict(), "key geometry")
+    if missing:
+        body = f'<p class="note">{_esc(missing)}</p>'
     else:
         summary = _geometry_summary(profile)
         body = (f'<p class="verdict">{_esc(summary)}</p>' if summary else "") + _html_table(
@@ -577,9 +582,9 @@ def _ablation_sentence(profile: SinkProfile) -> str | None:
 
 
 def _dormant_html(profile: SinkProfile) -> str:
-    info = profile.head_outputs_dict()
-    if "unavailable" in info:
-        body = f'<p class="note">No head outputs: {_esc(info["unavailable"])}.</p>'
+    missing = _missing(profile.head_outputs_dict(), "head outputs")
+    if missing:
+        body = f'<p class="note">{_esc(missing)}</p>'
     else:
         rows = _dormant_rows(profile)
         body = (_html_table(DORMANT_COLUMNS, rows) if rows else
@@ -762,19 +767,19 @@ def mechanism_markdown(profile: SinkProfile, level: str = "##") -> str:
     """Why the model sinks, in Markdown: how queries meet the first token's key, and the dormant heads with
     their ablation (``report.md`` and the dashboard's card)."""
     out: list[str] = []
-    geo = profile.geometry_dict()
     out += [f"{level} How queries meet the first token", ""]
-    if "unavailable" in geo:
-        out += [f"No key geometry: {_md(geo['unavailable'])}.", ""]
+    missing = _missing(profile.geometry_dict(), "key geometry")
+    if missing:
+        out += [_md(missing), ""]
     else:
         summary = _geometry_summary(profile)
         out += [_md(_geometry_note()), ""] + ([_md(summary), ""] if summary else []) + [
             _md_table(GEOMETRY_COLUMNS, _geometry_rows(profile), "rrrrrr"), ""]
 
-    info = profile.head_outputs_dict()
     out += [f"{level} Dormant heads", ""]
-    if "unavailable" in info:
-        out += [f"No head outputs: {_md(info['unavailable'])}.", ""]
+    missing = _missing(profile.head_outputs_dict(), "head outputs")
+    if missing:
+        out += [_md(missing), ""]
     else:
         rows = _dormant_rows(profile)
         out += [_md(_dormant_note(profile)), "",
