@@ -24,6 +24,7 @@ from .capture import (
     pool_map,
     stats_supported,
 )
+from .deploy import DeploySettings, deploy_settings
 from .errors import CaptureError, ConfigError, PromptError
 from .models import LoadedModel, ModelSpec
 from .models import load as load_model
@@ -185,6 +186,12 @@ class SinkProfile:
     extra: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] | None = None  # sinkscope.inputs.InputSensitivity.to_dict() of one prompt, if measured
     ablation: dict[str, Any] | None = None  # sinkscope.heads.HeadAblation.to_dict() (report --ablate), if run
+    cache_refused: str | None = None  # why SinkCache can't serve the model exactly (None: it can)
+
+    @property
+    def deploy(self) -> DeploySettings:
+        """The recommendation as cache settings and snippets (SinkCache, kvpress, llama.cpp): ``sinkscope.deploy``."""
+        return deploy_settings(self)
 
     # -- aggregates ---------------------------------------------------------------------------------------
     @property
@@ -346,6 +353,7 @@ class SinkProfile:
             "head_outputs": self.head_outputs_dict(),
             "key_geometry": self.geometry_dict(),
             "ablation": self.ablation,
+            "deploy": self.deploy.to_dict(),
             "per_prompt": [{"name": p.name, "first_token_mass": _round(p.first_token_mass),
                             "sink_rate": metrics.sink_rate(p.first_token_mass, self.threshold)}
                            for p in self.prompts],
@@ -758,8 +766,10 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
     if "stats" in modes:  # what ran: the GPU's Triton kernel, the CPU's C pass or torch operations (and why)
         ran = list(dict.fromkeys(r.row_pass for r in results if r.row_pass))
         settings["row_pass"] = "; ".join(ran) if ran else _native.describe(device)
+    cache = scheme.support()["cache"]
     return SinkProfile(model=spec, prompts=results, layers=layer_list, k_max=k_max, settings=settings,
-                       recommendation=rec, threshold=threshold)
+                       recommendation=rec, threshold=threshold,
+                       cache_refused=None if cache.ok else cache.message(scheme.family, "cache"))
 
 
 _CAPTURE_TEXT = {"maps": "whole maps: eager attention, forward hooks, per-layer reduction",

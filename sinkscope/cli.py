@@ -439,6 +439,10 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"attention estimate: {est.sinks} sinks  ({est.method})")
     print(f"recommended sinks: {rec.sinks}  ({rec.method})")
     _print_cheapest(rec)
+    d = profile.deploy
+    cache = "" if d.cache_refused else f"SinkCache(model, sinks={d.sinks}, window={d.window}); "
+    print(f"deploy: {cache}kvpress StreamingLLMPress(n_sink={d.sinks}); llama.cpp -c {d.sinks + d.window} "
+          f"--keep {d.llama_cpp_keep} --context-shift (report.md: 'What to deploy')")
     if profile.inputs:
         print(f"BOS and chat template: {profile.inputs['verdict']}")
     dormant = profile.dormant_heads()

@@ -596,6 +596,35 @@ def _dormant_html(profile: SinkProfile) -> str:
     return _card("Dormant heads", _esc(_dormant_note(profile)), body)
 
 
+def _deploy_note(profile: SinkProfile) -> str:
+    d = profile.deploy
+    state = "validated by streaming perplexity" if d.validated else "the attention estimate, not validated"
+    return (f"The recommendation ({d.sinks} sink token{'s' * (d.sinks != 1)}, {state}) with a window of {d.window} "
+            f"({d.window_from}), as settings for the caches people serve with.")
+
+
+def _deploy_html(profile: SinkProfile) -> str:
+    d = profile.deploy
+    blocks = [f"<h3>{_esc(target)}</h3><pre><code>{_esc(code)}</code></pre>" for target, code in d.snippets().items()]
+    if d.cache_refused:
+        blocks.insert(0, f'<p class="note">No SinkCache snippet: {_esc(d.cache_refused)}.</p>')
+    notes = "".join(f"<li>{_esc(n)}</li>" for n in d.notes)
+    body = "".join(blocks) + (f"<ul>{notes}</ul>" if notes else "")
+    return _card("What to deploy", _esc(_deploy_note(profile)), body)
+
+
+def _deploy_markdown(profile: SinkProfile) -> list[str]:
+    d = profile.deploy
+    out = ["## What to deploy", "", _md(_deploy_note(profile)), ""]
+    if d.cache_refused:
+        out += [f"No SinkCache snippet: {_md(d.cache_refused)}.", ""]
+    lang = {"transformers": "python", "kvpress": "python", "llama.cpp": "sh"}
+    for target, code in d.snippets().items():
+        out += [f"**{_md(target)}**", "", f"```{lang.get(target, '')}", code, "```", ""]
+    out += [f"- {_md(n)}" for n in d.notes] + [""]
+    return out
+
+
 def _attention_html(profile: SinkProfile, n: int) -> str:
     which = next((i for i, p in enumerate(profile.prompts) if p.attention is not None), None)
     if which is None:
@@ -705,6 +734,7 @@ def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
         _card("Sink rate per prompt", "", _fig_html(plots.per_prompt_sink_rate(profile), "fig-prompt-rate")),
         _card("Top sink heads", "", _heads_table_html(profile)),
         _stream_eval_html(profile),
+        _deploy_html(profile),
         _card("Settings", "", _html_table(["", ""], [[_esc(k), _esc(_num(v))] for k, v in _settings(profile).items()],
                                           cls="kv")),
     ]
@@ -801,6 +831,8 @@ def render_markdown(profile: SinkProfile) -> str:
     out.append("")
     if profile.stream_eval:
         out += _stream_eval_markdown(profile.stream_eval)
+
+    out += _deploy_markdown(profile)
 
     out += ["## Model", "", _md_table(["", ""], [[_md(k), _md(v)] for k, v in _model_rows(profile)], "ll"), ""]
 
