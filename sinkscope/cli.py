@@ -195,6 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p_rep)
     p_rep.set_defaults(func=cmd_report)
 
+    p_cmp = sub.add_parser(
+        "compare", help="two or more reports side by side: the cross-model atlas (HTML and Markdown)",
+        description="Read the report.json of two or more report directories (sinkscope report ... --out DIR) and "
+                    "write compare.html, compare.md and compare.json: sink rate, recommended cache, sink strength "
+                    "by relative depth, learned-sink mass, the first massive activation, dormant heads and the "
+                    "BOS comparison, side by side.", epilog=EPILOG)
+    p_cmp.add_argument("reports", nargs="+", metavar="REPORT_DIR", help="report directories (or report.json files)")
+    p_cmp.add_argument("--out", default="sinkscope-reports/compare", metavar="DIR",
+                       help="output directory (default: sinkscope-reports/compare)")
+    p_cmp.set_defaults(func=cmd_compare)
+
     p_in = sub.add_parser(
         "inputs", help="does the sink depend on the BOS token or the chat template? one prompt, side by side",
         description="Measure one prompt as the tokenizer gives it, with the BOS token removed (or added) and as a "
@@ -486,6 +497,23 @@ def _print_capture_notes(profile: SinkProfile) -> None:
         if p.beyond_context:
             print(f"note: {p.name} ({p.n_tokens} tokens) runs past {profile.model.name}'s trained context of "
                   f"{context}; its numbers describe positions the model never trained on")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Write the atlas of two or more reports."""
+    from .compare import atlas_rows, compare
+    from .report import check_output_dir, write_compare
+
+    entries = compare(args.reports)
+    out = check_output_dir(args.out)
+    paths = write_compare(entries, out)
+    width = max(len(q) for q, _ in atlas_rows(entries))
+    print(f"{'':<{width}}  " + "  |  ".join(e.name for e in entries))
+    for q, cells in atlas_rows(entries):
+        print(f"{q:<{width}}  " + "  |  ".join(cells))
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
 
 
 def cmd_inputs(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from .errors import ConfigError
 
 if TYPE_CHECKING:
     from .analysis import PromptResult, SinkProfile
+    from .compare import AtlasEntry
 
 TEMPLATE = "plotly_white"
 FONT = dict(family="system-ui, -apple-system, 'Segoe UI', Roboto, Helvetica, Arial, sans-serif", size=12)
@@ -372,6 +373,24 @@ def per_prompt_sink_rate(profile: SinkProfile) -> go.Figure:
             margin=dict(l=70, r=80, t=60, b=55))
     fig.update_xaxes(type="category", title_text="prompt")
     fig.update_yaxes(title_text="sink rate", range=[0, 1.08], tickformat=".0%")
+    return fig
+
+
+def atlas_layers(entries: list[AtlasEntry]) -> go.Figure:
+    """One line per model: the mean first-token mass of each layer against its relative depth (layer / last
+    layer), so that models of different depths line up."""
+    fig = go.Figure()
+    for e in entries:
+        n = len(e.layer_strength)
+        depth = [i / max(1, n - 1) for i in range(n)]
+        fig.add_trace(go.Scatter(x=depth, y=e.layer_strength, mode="lines+markers", name=label_text(e.name),
+                                 customdata=e.layer_ids,
+                                 hovertemplate=f"{html.escape(e.name)}<br>layer %{{customdata}}<br>"
+                                               "first-token mass %{y:.3f}<extra></extra>"))
+    _layout(fig, "Sink strength by relative depth (mean first-token mass per layer)", 420,
+            margin=dict(l=70, r=30, t=60, b=55), legend=dict(orientation="h", y=-0.2))
+    fig.update_xaxes(title_text="relative depth (layer / last layer)", range=[-0.02, 1.02], tickformat=".0%")
+    fig.update_yaxes(title_text="first-token mass", rangemode="tozero")
     return fig
 
 

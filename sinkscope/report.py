@@ -23,6 +23,7 @@ import numpy as np
 from . import __version__, metrics, plots
 from ._io import atomic_write_many, temp_path_for
 from .analysis import SCHEMA, Recommendation, attention_estimate
+from .compare import AtlasEntry, atlas_rows
 from .errors import OutputError
 from .metrics import sink_rate
 
@@ -947,6 +948,58 @@ def render_stream_eval_html(stream_eval: Any, *, recommendation: Recommendation 
         f"{rec_html}<section class=\"card\"><h2>Results</h2>{body}</section>\n"
         f"<footer>sinkscope {_esc(__version__)} · schema <code>{_esc(ev.get('schema'))}</code> · the numbers are in "
         "stream_eval.json next to this file</footer>\n</main>\n</body>\n</html>\n")
+
+
+# ------------------------------------------------------------------------------------------------ the atlas
+
+COMPARE_FILES = {"html": "compare.html", "md": "compare.md", "json": "compare.json"}
+
+
+def render_compare_markdown(entries: list[AtlasEntry]) -> str:
+    """``compare.md``: the atlas table."""
+    rows = [[_md(q), *[_md(c) for c in cells]] for q, cells in atlas_rows(entries)]
+    return "\n".join([
+        "# Attention sinks across models", "",
+        f"sinkscope {__version__} · {len(entries)} reports: " + ", ".join(_md(e.path) for e in entries), "",
+        _md_table(["", *[_md(e.name) for e in entries]], rows), "",
+        "Sink rate: heads whose first-token mass exceeds the report's threshold. Recommended cache: the report's "
+        "sink count (and its deploy window). Dormant heads: sink heads that write less than half of their layer's "
+        "median head. Each report's own page has the numbers behind each cell.", ""])
+
+
+def render_compare_html(entries: list[AtlasEntry], base: str | Path | None = None) -> str:
+    """``compare.html``: the atlas table and the sink strength of every model by relative depth (plotly.js
+    embedded once; opens offline); links to each report relative to ``base`` (where the page is written)."""
+    from plotly.offline import get_plotlyjs
+
+    table = _html_table(["", *[_esc(e.name) for e in entries]],
+                        [[_esc(q), *[_esc(c) for c in cells]] for q, cells in atlas_rows(entries)])
+    def href(e: AtlasEntry) -> str:
+        page = Path(e.path) / "report.html"
+        return Path(os.path.relpath(page, base)).as_posix() if base is not None else page.as_posix()
+
+    links = " · ".join(f'<a href="{_esc(href(e))}">{_esc(e.name)}</a>' for e in entries)
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
+        f"<meta name=\"generator\" content=\"sinkscope {_esc(__version__)}\">\n"
+        f"<title>sinkscope atlas: {_esc(', '.join(e.name for e in entries))}</title>\n<style>{_CSS}</style>\n"
+        f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n<main class=\"container\">\n"
+        f"<header><h1>Attention sinks across models</h1><p class=\"sub\">{len(entries)} reports: {links}</p></header>\n"
+        + _card("Side by side", "From each report's report.json; a part that a report does not hold says so.", table)
+        + _card("Sink strength by depth", "Mean first-token mass of each layer, layers placed by relative depth.",
+                _fig_html(plots.atlas_layers(entries), "fig-atlas-layers"))
+        + f"\n<footer>sinkscope {_esc(__version__)} · the numbers are in compare.json next to this file</footer>\n"
+        "</main>\n</body>\n</html>\n")
+
+
+def write_compare(entries: list[AtlasEntry], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``compare.html``, ``compare.md`` and ``compare.json`` into ``out_dir`` (atomically, as reports)."""
+    out = check_output_dir(out_dir)
+    texts = {"html": render_compare_html(entries, out), "md": render_compare_markdown(entries),
+             "json": json.dumps({"schema": "sinkscope.compare/1", "reports": [e.to_dict() for e in entries]},
+                                indent=1) + "\n"}
+    return _write_files(out, COMPARE_FILES, texts, "the comparison")
 
 
 def write_stream_eval(stream_eval: Any, out_dir: str | Path, *,
