@@ -57,6 +57,23 @@ class SinkPosition:
 
 
 @dataclass
+class SecondarySink:
+    """A position beyond the first that is a sink in some layers (:func:`sinkscope.metrics.secondary_sinks`)."""
+
+    position: int
+    token: str
+    kind: str
+    layers: list[int]  # the layers where it qualifies
+    peak: float  # the largest per-layer mean attention per head and distant query
+    peak_layer: int
+    vs_uniform: float  # that peak over what uniform attention would give
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"position": self.position, "token": self.token, "kind": self.kind, "layers": self.layers,
+                "peak": self.peak, "peak_layer": self.peak_layer, "vs_uniform": self.vs_uniform}
+
+
+@dataclass
 class AttentionMaps:
     """Pooled attention maps of one prompt, for display: ``maps[layer_row, head, q_bin, k_bin]``."""
 
@@ -145,6 +162,7 @@ class PromptResult:
     # None with the reason for models whose attention does not go through transformers' attention interface.
     geometry: dict[str, np.ndarray] | None = None
     geometry_unavailable: str | None = None
+    secondary_sinks: list[SecondarySink] = field(default_factory=list)  # strongest first
 
 
 @dataclass
@@ -347,6 +365,8 @@ class SinkProfile:
             "learned_sink_mass": None if (lsm := self.learned_sink_mass) is None else _round(lsm),
             "sink_positions": [{"prompt": p.name, "positions": [s.to_dict() for s in p.sink_positions]}
                                for p in self.prompts],
+            "secondary_sinks": [{"prompt": p.name, "positions": [s.to_dict() for s in p.secondary_sinks]}
+                                for p in self.prompts],
             "activations": [{"prompt": p.name, **p.activations.to_dict(p.tokens)} if p.activations is not None
                             else {"prompt": p.name, "unavailable": p.activations_unavailable} for p in self.prompts],
             "inputs": self.inputs,
@@ -890,6 +910,7 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
     learned = attention_scheme(lm.model).learned_sinks
     lsm = np.zeros((n_l, n_h)) if learned else None
     received = np.zeros(t)
+    by_layer = np.zeros((n_l, t))  # each layer's received mass, summed over its heads
     passes: list[str] = []
     row_of = {layer: i for i, layer in enumerate(layers)}
     pooled: list[Any] = [None] * n_l
@@ -903,7 +924,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         ent[i] = metrics.entropy(p, k_max, learned_sink=learned)
         if lsm is not None:
             lsm[i] = metrics.learned_sink_mass(p, k_max)
-        received[:] += metrics.received_mass(p, k_max).total
+        by_layer[i] = metrics.received_mass(p, k_max).total
+        received[:] += by_layer[i]
         if map_size:
             m, bins = pool_map(p, map_size)
             pooled[i] = m.cpu().numpy()
@@ -915,7 +937,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         ftm[i], sm[i], ent[i] = st.first_token_mass, st.sink_mass, st.entropy
         if lsm is not None and st.learned_sink_mass is not None:
             lsm[i] = st.learned_sink_mass
-        received[:] += st.received.total
+        by_layer[i] = st.received.total
+        received[:] += by_layer[i]
         if map_size:
             pooled[i], bins = st.pooled, st.bins or []
         if st.row_pass and st.row_pass not in passes:
@@ -967,6 +990,7 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
     id_list = ids[0].tolist()
     tokens = token_texts(lm.tokenizer, id_list)
     positions = _sink_positions(received, t, k_max, n_l * n_h, tokens, id_list, lm.tokenizer.bos_token_id)
+    secondary = _secondary_sinks(by_layer, t, k_max, n_h, layers, tokens, id_list, lm.tokenizer.bos_token_id)
     attention = None
     if map_size:
         missing = [layers[i] for i, m in enumerate(pooled) if m is None]
@@ -981,7 +1005,8 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
                         row_pass="; ".join(passes) or None, activations=activations,
                         activations_unavailable=acts.unavailable, output_norm=output_norm,
                         first_row_norm=first_row, head_outputs_unavailable=heads_why,
-                        geometry=geo_arrays or None, geometry_unavailable=geometry_why)
+                        geometry=geo_arrays or None, geometry_unavailable=geometry_why,
+                        secondary_sinks=secondary)
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
@@ -1008,6 +1033,24 @@ def _sink_positions(received: np.ndarray, t: int, k_max: int, n_pairs: int, toke
                          kind=metrics.token_kind(tokens[j], is_bos=(j == 0 and ids[0] == bos_id)),
                          received=float(mean[j]), vs_uniform=float(mean[j] / uniform[j]) if uniform[j] else 0.0)
             for j in order]
+
+
+N_SECONDARY = 10  # secondary sinks listed per prompt
+
+
+def _secondary_sinks(by_layer: np.ndarray, t: int, k_max: int, n_heads: int, layers: list[int], tokens: list[str],
+                     ids: list[int], bos_id: int | None) -> list[SecondarySink]:
+    ok, mean = metrics.secondary_sinks(by_layer, t, k_max, n_heads)
+    uniform = metrics.uniform_share(t, k_max)
+    out = []
+    for j in np.nonzero(ok.any(axis=0))[0]:
+        rows = np.nonzero(ok[:, j])[0]
+        best = int(rows[np.argmax(mean[rows, j])])
+        out.append(SecondarySink(position=int(j), token=tokens[j],
+                                 kind=metrics.token_kind(tokens[j], is_bos=(ids[j] == bos_id)),
+                                 layers=[layers[int(r)] for r in rows], peak=float(mean[best, j]),
+                                 peak_layer=layers[best], vs_uniform=float(mean[best, j] / uniform[j])))
+    return sorted(out, key=lambda s: -s.peak)[:N_SECONDARY]
 
 
 def _bin_label(tokens: list[str], a: int, b: int) -> str:

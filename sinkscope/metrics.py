@@ -154,6 +154,28 @@ def chance_mass(t: int, k_max: int) -> float:
     return float(np.mean(1.0 / np.arange(k_max + 1, t + 1)))
 
 
+# A position beyond the first is a secondary sink in a layer when distant queries give it, per head, at least
+# this share of their attention on average and this many times what uniform attention would.
+SECONDARY_MASS = 0.02
+SECONDARY_RATIO = 10.0
+SECONDARY_MIN_QUERIES = 16  # fewer distant queries than this: a mean over them is noise, not a sink
+
+
+def secondary_sinks(received: np.ndarray, t: int, k_max: int, n_heads: int, local: int = LOCAL_WINDOW
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Per layer, which positions j >= 1 are sinks: ``(mask [L, T], mean [L, T])`` from each layer's received
+    mass ``[L, T]`` (summed over its heads, :func:`received_mass`): ``mean`` is the attention per head and
+    distant query, and a position qualifies where ``mean >= SECONDARY_MASS`` and ``mean >= SECONDARY_RATIO x``
+    :func:`uniform_share`, with at least ``SECONDARY_MIN_QUERIES`` distant queries."""
+    received = np.asarray(received, dtype=float)
+    queries = distant_queries(t, k_max, local)
+    mean = received / np.maximum(queries * n_heads, 1)[None, :]
+    uniform = uniform_share(t, k_max, local)
+    ok = (queries >= SECONDARY_MIN_QUERIES)[None, :] & (mean >= SECONDARY_MASS) & (mean >= SECONDARY_RATIO * uniform)
+    ok[:, 0] = False  # the first token is the primary sink
+    return ok, mean
+
+
 def token_kind(text: str, *, is_bos: bool = False) -> str:
     """A coarse label for a token, used to say what sinks are: bos, newline, space, punct, word."""
     if is_bos:

@@ -457,6 +457,43 @@ def _positions_html(profile: SinkProfile) -> str:
     return f'<div class="grid">{"".join(figs)}</div>{tail}'
 
 
+SECONDARY_COLUMNS = ["position", "token", "kind", "sink in layers", "peak (layer)", "x uniform"]
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    """``[3, 4, 5, 9]`` -> ``"3-5, 9"``."""
+    runs: list[list[int]] = []
+    for x in sorted(layers):
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _secondary_rows(p: PromptResult, token: Any) -> list[list[str]]:
+    return [[str(s.position), token(_token(s.token)), s.kind, _layer_ranges(s.layers), f"{s.peak:.3f} ({s.peak_layer})",
+             f"{s.vs_uniform:.0f}"] for s in p.secondary_sinks]
+
+
+def _secondary_note() -> str:
+    return (f"Positions beyond the first that distant queries of a layer favour: at least "
+            f"{metrics.SECONDARY_MASS:g} of their attention per head and {metrics.SECONDARY_RATIO:g}x uniform. A "
+            "StreamingLLM cache keeps the first S tokens and the last W, so these drop out once they leave the "
+            "window; keeping chosen positions would be another cache, not evaluated here.")
+
+
+def _secondary_html(profile: SinkProfile) -> str:
+    shown = [p for p in profile.prompts if p.secondary_sinks][:N_POSITION_PROMPTS]
+    if not shown:
+        return _card("Secondary sinks", _esc(_secondary_note()),
+                     '<p class="note">No position beyond the first is a sink in any layer.</p>')
+    body = "".join(f"<h3>{_esc(p.name)} ({p.n_tokens} tokens)</h3>"
+                   + _html_table(SECONDARY_COLUMNS, _secondary_rows(p, lambda t: f"<code>{_esc(t)}</code>"))
+                   for p in shown)
+    return _card("Secondary sinks", _esc(_secondary_note()), body)
+
+
 def _activations_html(profile: SinkProfile) -> str:
     which = next((i for i, p in enumerate(profile.prompts) if p.activations is not None), None)
     if which is None:
@@ -722,6 +759,7 @@ def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
               "Positions that draw the most attention from queries at least 8 tokens later, averaged over all "
               "layers and heads (hover: how many times more than uniform attention would give).",
               _positions_html(profile)),
+        _secondary_html(profile),
         _card("Massive activations",
               "The residual stream after each decoder layer: the first token's L2 norm against the median token's "
               "and the largest (log scale); stars mark layers with an activation at least 1000x the median "
@@ -896,6 +934,14 @@ def render_markdown(profile: SinkProfile) -> str:
         out += [_md_table(["position", "token", "kind", "received", "x uniform"],
                           [[str(s.position), _md(_token(s.token)), _md(s.kind), f"{s.received:.4f}",
                             f"{s.vs_uniform:.1f}"] for s in p.sink_positions], "rllrr"), ""]
+
+    out += ["## Secondary sinks", "", _md(_secondary_note()), ""]
+    for p in profile.prompts:
+        if p.secondary_sinks:
+            out += [f"### {_md(p.name)} ({p.n_tokens} tokens)", "",
+                    _md_table(SECONDARY_COLUMNS, _secondary_rows(p, _md), "rlllrr"), ""]
+    if not any(p.secondary_sinks for p in profile.prompts):
+        out += ["No position beyond the first is a sink in any layer.", ""]
 
     out += ["## Settings", "", _md_table(["", ""], [[_md(k), _md(_num(v))] for k, v in _settings(profile).items()],
                                          "ll"), ""]

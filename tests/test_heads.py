@@ -249,3 +249,52 @@ def test_sink_llama_aligns_with_its_sink_key_and_the_report_says_so(sink_llama, 
     assert profile.geometry("sink_key_cos") is None
     assert profile.to_dict()["key_geometry"] == {"unavailable": "its attention is not the interface (test)"}
     assert "No key geometry: its attention is not the interface (test)." in render_markdown(profile)
+
+
+# ---------------------------------------------------------------------------------------- secondary sinks
+
+
+@pytest.fixture(scope="module")
+def colon_sink_llama(tok_bos):
+    """The sink Llama with the ':' token made a copy of BOS: a second sink at its position, in every layer."""
+    from conftest import build_sink_llama
+
+    model = build_sink_llama(tok_bos)
+    colon = tok_bos.convert_tokens_to_ids(":")
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[colon] = emb[tok_bos.bos_token_id]
+    return loaded(model, tok_bos, "colon-sink-llama")
+
+
+@pytest.mark.parametrize("mode", ["maps", "stats"])
+def test_secondary_sinks_against_eager_maps(colon_sink_llama, ref, mode):
+    """Per layer, from the received mass of transformers' eager maps (explicit loops) and the rule written out
+    here: the positions, their layers and their peaks; the same in both capture modes."""
+    lm = colon_sink_llama
+    text = TEXT_60 * 2
+    ids = ref.encode(lm, text)
+    maps = ref.eager_attentions(lm.model, ids)
+    t, n_heads = ids.shape[1], maps[0].shape[0]
+    uniform = ref.uniform(t, K)
+    want: dict[int, list[tuple[int, float]]] = {}
+    for layer, a in enumerate(maps):
+        total, count = ref.received(a, K)
+        for j in range(1, t):
+            if count[j] < 16:
+                continue
+            mean = total[j] / (count[j] * n_heads)
+            if mean >= 0.02 and mean >= 10 * uniform[j]:
+                want.setdefault(j, []).append((layer, mean))
+    profile = analyze(lm, text, k_max=K, mode=mode, map_size=None, progress=False)
+    got = profile.prompts[0].secondary_sinks
+    colon = TEXT_60.index(":") + 1  # after the BOS token
+    assert got and got[0].position == colon and got[0].token == ":" and got[0].kind == "punct"
+    expected = sorted(want, key=lambda j: -max(m for _, m in want[j]))[:10]
+    assert [s.position for s in got] == expected
+    for s in got:
+        assert s.layers == [layer for layer, _ in want[s.position]]
+        assert s.peak == pytest.approx(max(m for _, m in want[s.position]), rel=1e-5)
+    assert profile.to_dict()["secondary_sinks"][0]["positions"][0]["position"] == colon
+    md = render_markdown(profile)
+    assert "## Secondary sinks" in md and "| 0-2 |" in md
