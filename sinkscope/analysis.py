@@ -163,6 +163,7 @@ class PromptResult:
     geometry: dict[str, np.ndarray] | None = None
     geometry_unavailable: str | None = None
     secondary_sinks: list[SecondarySink] = field(default_factory=list)  # strongest first
+    local_mass: np.ndarray | None = None  # [L, H]: metrics.local_mass, the last LOCAL_WINDOW keys from K on
 
 
 @dataclass
@@ -259,6 +260,14 @@ class SinkProfile:
         if not self.prompts or any(p.output_norm is None for p in self.prompts):
             return None
         return np.mean([p.output_norm for p in self.prompts], axis=0)
+
+    @property
+    def local_mass(self) -> np.ndarray | None:
+        """``[layers, heads]`` mean over prompts of the mass on each query's last ``LOCAL_WINDOW`` keys from
+        position K on (:func:`sinkscope.metrics.local_mass`), or None where a prompt did not measure it."""
+        if not self.prompts or any(p.local_mass is None for p in self.prompts):
+            return None
+        return np.mean([p.local_mass for p in self.prompts], axis=0)
 
     @property
     def first_row_norm(self) -> np.ndarray | None:
@@ -370,6 +379,7 @@ class SinkProfile:
             "activations": [{"prompt": p.name, **p.activations.to_dict(p.tokens)} if p.activations is not None
                             else {"prompt": p.name, "unavailable": p.activations_unavailable} for p in self.prompts],
             "inputs": self.inputs,
+            "local_mass": None if (loc := self.local_mass) is None else _round(loc),
             "head_outputs": self.head_outputs_dict(),
             "key_geometry": self.geometry_dict(),
             "ablation": self.ablation,
@@ -904,7 +914,7 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
                  map_size: int | None, bar: Any, mode: str = "maps") -> PromptResult:
     spec, t = lm.spec, ids.shape[1]
     n_l, n_h = len(layers), spec.n_heads
-    ftm, ent = np.zeros((n_l, n_h)), np.zeros((n_l, n_h))
+    ftm, ent, local = np.zeros((n_l, n_h)), np.zeros((n_l, n_h)), np.zeros((n_l, n_h))
     sm = np.zeros((n_l, n_h, k_max))
     # Learned sinks (gpt-oss): the mass on the sink logit, and the entropy counts the sink as an outcome.
     learned = attention_scheme(lm.model).learned_sinks
@@ -922,6 +932,7 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         ftm[i] = metrics.first_token_mass(p, k_max)
         sm[i] = metrics.sink_mass(p, k_max)
         ent[i] = metrics.entropy(p, k_max, learned_sink=learned)
+        local[i] = metrics.local_mass(p, k_max)
         if lsm is not None:
             lsm[i] = metrics.learned_sink_mass(p, k_max)
         by_layer[i] = metrics.received_mass(p, k_max).total
@@ -935,6 +946,7 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         nonlocal bins
         i = row_of[layer]
         ftm[i], sm[i], ent[i] = st.first_token_mass, st.sink_mass, st.entropy
+        local[i] = np.nan if st.local_mass is None else st.local_mass
         if lsm is not None and st.learned_sink_mass is not None:
             lsm[i] = st.learned_sink_mass
         by_layer[i] = st.received.total
@@ -1006,7 +1018,7 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
                         activations_unavailable=acts.unavailable, output_norm=output_norm,
                         first_row_norm=first_row, head_outputs_unavailable=heads_why,
                         geometry=geo_arrays or None, geometry_unavailable=geometry_why,
-                        secondary_sinks=secondary)
+                        secondary_sinks=secondary, local_mass=None if np.isnan(local).any() else local)
 
 
 def token_texts(tokenizer: Any, ids: list[int]) -> list[str]:

@@ -41,6 +41,22 @@ def sink_mass(probs: torch.Tensor, k_max: int) -> np.ndarray:
     return first.cumsum(-1).mean(dim=1).cpu().numpy()
 
 
+def local_mass(probs: torch.Tensor, k_max: int, local: int = LOCAL_WINDOW) -> np.ndarray:
+    """``[heads]``: mean over queries q >= K of the mass on the last ``local`` keys from position K on (keys j
+    with max(K, q - local + 1) <= j <= q): with :func:`sink_mass`, the attention that a cache of S <= K sinks and
+    a window of ``local`` keeps at the least (keys S..K-1 inside the window left out: they are few)."""
+    t = _check(probs, k_max)
+    total = torch.zeros(probs.shape[0], dtype=torch.float64, device=probs.device)
+    for d in range(min(local, t)):  # the d-th diagonal below the main one: entry i is A[i + d, i]
+        total += torch.diagonal(probs, offset=-d, dim1=1, dim2=2)[:, k_max:].double().sum(-1)
+    return (total / (t - k_max)).cpu().numpy()
+
+
+# A head is a streaming head (DuoAttention's term) when the first S tokens and its last LOCAL_WINDOW keys hold at
+# least this share of its attention: it loses nothing that matters to a sink + window cache.
+STREAMING_SHARE = 0.9
+
+
 def first_token_mass(probs: torch.Tensor, k_max: int) -> np.ndarray:
     """``[heads]``: mean over queries q >= K of the attention on key 0."""
     _check(probs, k_max)
@@ -392,6 +408,7 @@ class LayerStats:
     bins: list[tuple[int, int]] | None
     learned_sink_mass: np.ndarray | None = None
     row_pass: str | None = None  # what computed it (statistics mode says; see sinkscope.capture)
+    local_mass: np.ndarray | None = None  # [H]: :func:`local_mass` (None where a row pass does not keep it)
 
 
 class ChunkedStats:
@@ -573,8 +590,10 @@ class ChunkedStats:
         qs = torch.arange(t, device=col.device)[:, None]
         keys = qs - self._band_back[None, :]
         ok = (keys >= 0) & (qs >= k)
-        band = self._band.double().sum(0)  # [T, local]
+        band_h = self._band.double()  # [H, T, local]: A[q, q - d]
+        band = band_h.sum(0)  # [T, local]
         col.index_add_(0, keys[ok], -band[ok])
+        local_mass = (band_h[:, ok & (keys >= k)].sum(-1) / n).cpu().numpy()  # keys j >= K of each window
         queries = distant_queries(t, k, self.local)
         total = col.clamp_min(0).cpu().numpy()
         total[queries == 0] = 0.0
@@ -584,4 +603,4 @@ class ChunkedStats:
             pooled = (self._pooled.sum(0) / width[None, :, None]).cpu().numpy()
         return LayerStats(first_token_mass=ftm.cpu().numpy(), sink_mass=sm.cpu().numpy(),
                           entropy=ent.cpu().numpy(), received=ReceivedMass(total=total, queries=queries, heads=self.h),
-                          pooled=pooled, bins=self.bins, learned_sink_mass=learned)
+                          pooled=pooled, bins=self.bins, learned_sink_mass=learned, local_mass=local_mass)

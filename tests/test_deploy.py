@@ -30,7 +30,7 @@ def test_settings_of_an_attention_estimate(profile, sink_llama):
     assert d.window == 255 and "positions" in d.window_from  # the tiny model has 256 positions: S + W fits
     assert d.adds_bos and d.llama_cpp_keep == 0  # llama.cpp keeps the BOS token by itself
     snippets = d.snippets()
-    assert set(snippets) == {"transformers", "kvpress", "llama.cpp"}
+    assert set(snippets) == {"transformers", "kvpress", "llama.cpp", "per-head split"}
     assert "-c 256 --keep 0 --context-shift" in snippets["llama.cpp"]
     assert "n_sink=1" in snippets["kvpress"] and "keep = 256" in snippets["kvpress"]
     # The transformers snippet runs as written (a shorter generation).
@@ -86,8 +86,46 @@ def test_report_files_and_cli_line(capsys, llama_dir, tmp_path):
     stdout, err = capsys.readouterr()
     assert rc == 0, err
     doc = json.loads((out / "report.json").read_text())["deploy"]
-    assert set(doc["snippets"]) == {"transformers", "kvpress", "llama.cpp"} and doc["validated"] is False
+    assert {"transformers", "kvpress", "llama.cpp"} <= set(doc["snippets"]) and doc["validated"] is False
     assert re.search(r"deploy: SinkCache\(model, sinks=\d+, window=\d+\); kvpress", stdout)
     md = (out / "report.md").read_text()
     assert "## What to deploy" in md and "```python" in md and "llama-cli" in md
     assert "<h2>What to deploy</h2>" in (out / "report.html").read_text()
+
+
+def test_local_mass_against_loops_in_every_mode(tiny_gemma3, ref):
+    """The mass on each query's last 8 keys from K on, per head: whole maps and statistics mode (torch and C row
+    passes) against explicit loops over eager maps (Gemma-3: sliding layers too)."""
+    import numpy as np
+
+    from sinkscope import metrics
+
+    ids = ref.encode(tiny_gemma3, TEXT_60)
+    maps = ref.eager_attentions(tiny_gemma3.model, ids)
+    t = ids.shape[1]
+    want = np.array([[np.mean([a[hh, i, max(K, i - 7): i + 1].sum() for i in range(K, t)])
+                      for hh in range(a.shape[0])] for a in maps])
+    np.testing.assert_allclose(metrics.local_mass(torch.from_numpy(maps[0]), K), want[0], atol=1e-12)
+    for mode in ("maps", "stats"):
+        got = analyze(tiny_gemma3, TEXT_60, k_max=K, mode=mode, map_size=None, progress=False).local_mass
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_per_head_split(profile, tiny_llama):
+    """The sink Llama parks on BOS in every head: all streaming; a random tiny Llama spreads its attention: all
+    retrieval. A KV head is streaming only when all its query heads are."""
+    import numpy as np
+
+    d = profile.deploy
+    assert d.kv_split == [[0, 0]] * 3 and d.streaming_heads == d.heads == 12
+    assert "per-head split" in d.snippets() and "\t0\t0" in d.snippets()["per-head split"]
+    spread = analyze(tiny_llama, TEXT_60, k_max=K, progress=False).deploy
+    assert spread.kv_split == [[1, 1]] * 3 and spread.streaming_heads == 0
+    # One query head of layer 1 below the bar: its KV head (heads 0-1 share KV head 0) turns retrieval.
+    p = profile.prompts[0]
+    low = p.local_mass.copy()
+    low[1, 1] = -1.0
+    mixed = dataclasses.replace(profile, prompts=[dataclasses.replace(p, local_mass=low)]).deploy
+    assert mixed.kv_split == [[0, 0], [1, 0], [0, 0]] and mixed.streaming_heads == 11
+    doc = mixed.to_dict()["per_head_split"]
+    assert doc["kv_heads"] == mixed.kv_split and doc["layers"] == [0, 1, 2] and np.isclose(doc["streaming_share"], 0.9)

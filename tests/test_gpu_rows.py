@@ -91,6 +91,9 @@ def test_row_pass_equals_float64_maps(case, gpu_rows):
               "sink_mass": abs(st.sink_mass - metrics.sink_mass(p, 4)).max(),
               "entropy": abs(st.entropy - metrics.entropy(p, 4, learned_sink=sinks)).max(),
               "received": abs(st.received.total - metrics.received_mass(p, 4, local).total).max()}
+    pn = p.numpy()
+    near = [np.mean([pn[hh, i, max(4, i - local + 1): i + 1].sum() for i in range(4, t)]) for hh in range(h)]
+    errors["local_mass"] = abs(st.local_mass - np.array(near)).max()  # explicit loops over the window
     if sinks:
         assert st.learned_sink_mass is not None and st.learned_sink_mass.min() > 1e-3  # visible: tested
         errors["learned_sink_mass"] = abs(st.learned_sink_mass - metrics.learned_sink_mass(p, 4)).max()

@@ -274,7 +274,7 @@ class PendingStats:
     k_max: int
     local: int
     bins: list[tuple[int, int]] | None
-    parts: dict[str, torch.Tensor]  # first_token_mass, sink_mass, entropy, received, [learned, pooled]
+    parts: dict[str, torch.Tensor]  # first_token_mass, sink_mass, entropy, received, local, [learned, pooled]
 
 
 def finish(pending: list[PendingStats]) -> list[LayerStats]:
@@ -311,7 +311,7 @@ def finish(pending: list[PendingStats]) -> list[LayerStats]:
                               entropy=a["entropy"], received=ReceivedMass(total=total, queries=queries,
                                                                           heads=len(a["entropy"])),
                               pooled=a.get("pooled"), bins=item.bins, learned_sink_mass=a.get("learned"),
-                              row_pass=item.row_pass))
+                              row_pass=item.row_pass, local_mass=a["local"]))
     return out
 
 
@@ -361,6 +361,7 @@ def layer_stats(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: f
     ent = torch.empty(h, t, dtype=torch.float32, device=dev)
     recv = torch.empty(h, t, dtype=torch.float32, device=dev)
     first = torch.empty(h, k_max, dtype=torch.float32, device=dev)
+    near = torch.empty(h, t, dtype=torch.float32, device=dev)
     # Column sums per query bin [heads, bins, T]: each program stores its own columns, no atomics.
     pool = torch.zeros((h, nb, t) if bins else (1,), dtype=torch.float32, device=dev)
     grid = (math.ceil(t / bk), h)
@@ -369,6 +370,11 @@ def layer_stats(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: f
         window or 0, k_max, local, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
         D=d, DP=_pow2(d), BQ=bq, BK=bk, DOT_F32=_dot_f32(q), SOFTCAP=softcap is not None, HAS_WINDOW=bool(window),
         BINS=bool(bins), QB=qb, num_warps=warps, num_stages=stages)
+    rows = 64 if q.is_cuda else 16
+    kernels.local_kernel[(math.ceil(t / rows), h)](
+        q, k, lse.contiguous(), near, t, h // k.shape[1], scale, softcap or 1.0, window or 0, k_max, q.stride(1),
+        q.stride(2), k.stride(1), k.stride(2), D=d, DP=_pow2(d), BQ=rows, LOCAL=local,
+        DOT_F32=_dot_f32(q), SOFTCAP=softcap is not None, HAS_WINDOW=bool(window), num_warps=4 if q.is_cuda else 1)
     n = t - k_max
     # Entropy of the rows q >= K: log Z - sum(p s) per row, less the learned sink's p s below.
     entropy = lse[:, k_max:].double().sum(1) - ent.double().sum(1)
@@ -380,7 +386,7 @@ def layer_stats(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: f
         parts["learned"] = sink_p.sum(1) / n
     firsts = first.double() / n
     parts.update(first_token_mass=firsts[:, 0], sink_mass=firsts.cumsum(-1), entropy=entropy / n,
-                 received=recv.double().sum(0).clamp_min_(0))
+                 received=recv.double().sum(0).clamp_min_(0), local=near[:, k_max:].double().sum(1) / n)
     if bins:
         # Column sums per query bin -> key bins (float32 sums of at most a bin's width of columns).
         cells = torch.empty(h, nb, nb, dtype=torch.float32, device=dev)
