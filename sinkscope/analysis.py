@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,25 +257,19 @@ class SinkProfile:
     def output_norm(self) -> np.ndarray | None:
         """``[layers, heads]`` mean over prompts of each head's projected output norm (queries q >= K), or None
         where a prompt could not measure it (``PromptResult.head_outputs_unavailable`` says why)."""
-        if not self.prompts or any(p.output_norm is None for p in self.prompts):
-            return None
-        return np.mean([p.output_norm for p in self.prompts], axis=0)
+        return _mean_of_all(p.output_norm for p in self.prompts)
 
     @property
     def local_mass(self) -> np.ndarray | None:
         """``[layers, heads]`` mean over prompts of the mass on each query's last ``LOCAL_WINDOW`` keys from
         position K on (:func:`sinkscope.metrics.local_mass`), or None where a prompt did not measure it."""
-        if not self.prompts or any(p.local_mass is None for p in self.prompts):
-            return None
-        return np.mean([p.local_mass for p in self.prompts], axis=0)
+        return _mean_of_all(p.local_mass for p in self.prompts)
 
     @property
     def first_row_norm(self) -> np.ndarray | None:
         """``[layers, heads]`` mean over prompts of each head's projected output at position 0 (the first token's
         projected value, for plain softmax attention), or None."""
-        if not self.prompts or any(p.first_row_norm is None for p in self.prompts):
-            return None
-        return np.mean([p.first_row_norm for p in self.prompts], axis=0)
+        return _mean_of_all(p.first_row_norm for p in self.prompts)
 
     def dormant_heads(self, threshold: float | None = None) -> list[dict[str, Any]]:
         """Sink heads whose projected output is below ``metrics.DORMANT_RATIO`` of their layer's median head,
@@ -294,9 +288,7 @@ class SinkProfile:
     def geometry(self, name: str) -> np.ndarray | None:
         """``[layers, heads]`` mean over prompts of a key-geometry field (``sink_key_cos``, ``other_key_cos``,
         ``sink_key_norm``, ``key_norm_median``), or None where a prompt could not measure it."""
-        if not self.prompts or any(p.geometry is None for p in self.prompts):
-            return None
-        return np.mean([p.geometry[name] for p in self.prompts], axis=0)
+        return _mean_of_all(None if p.geometry is None else p.geometry[name] for p in self.prompts)
 
     def geometry_dict(self) -> dict[str, Any]:
         """The ``key_geometry`` part of ``report.json``."""
@@ -516,6 +508,13 @@ def _round(a: np.ndarray, digits: int = 6) -> list[Any]:
         return arr.tolist()
     # JSON has no NaN: an undefined value (e.g. an empty mean) is written as null.
     return np.where(np.isfinite(arr), arr, None).tolist()
+
+
+def _mean_of_all(arrays: Iterable[np.ndarray | None]) -> np.ndarray | None:
+    """The mean of per-prompt arrays, or None when some prompt (or every one) has none: a mean over part of the
+    prompts would read as the whole profile's."""
+    got = list(arrays)
+    return None if not got or any(a is None for a in got) else np.mean(got, axis=0)
 
 
 def _mean_learned_sink_mass(prompts: Sequence[PromptResult]) -> np.ndarray | None:

@@ -51,7 +51,7 @@ from .metrics import (
     key_geometry,
     layer_activations,
 )
-from .scheme import attention_modules, attention_scheme, check_layer_count, decoder_layers, output_projection
+from .scheme import attention_modules, attention_scheme, check_layer_count, decoder_layers, head_projections
 
 LayerCallback = Callable[[int, torch.Tensor], None]
 
@@ -263,20 +263,8 @@ def capture_head_outputs(model: nn.Module, *, k_max: int = 8) -> Iterator[HeadOu
             model.model(input_ids=ids)
         heads.layers[3].output_norm  # [heads]: mean norm of each head's projected output
     """
-    scheme = attention_scheme(model)
-    modules = attention_modules(model)
-    cap = HeadOutputCapture()
-    found: dict[int, tuple[nn.Module, torch.Tensor, int]] = {}
-    for i, attn in modules.items():
-        ly = scheme.layers[i]
-        if not ly.n_heads or not ly.v_head_dim:
-            cap.unavailable = f"layer {i}'s head count or value head dim is unknown"
-            break
-        got = output_projection(attn, ly.n_heads * ly.v_head_dim)
-        if isinstance(got, str):
-            cap.unavailable = got
-            break
-        found[i] = (got[0], got[1], ly.n_heads)
+    projections = head_projections(model)
+    cap = HeadOutputCapture(unavailable=projections if isinstance(projections, str) else None)
 
     def make_hook(idx: int, weight: torch.Tensor, n_heads: int) -> Callable[..., None]:
         def hook(_module: nn.Module, args: Any) -> None:
@@ -288,8 +276,8 @@ def capture_head_outputs(model: nn.Module, *, k_max: int = 8) -> Iterator[HeadOu
             cap.layers[idx] = head_outputs(x[0], weight, n_heads, k_max)
         return hook
 
-    handles = [] if cap.unavailable else [proj.register_forward_pre_hook(make_hook(i, w, n))
-                                          for i, (proj, w, n) in found.items()]
+    handles = [] if isinstance(projections, str) else [
+        p.module.register_forward_pre_hook(make_hook(i, p.weight, p.n_heads)) for i, p in projections.items()]
     try:
         yield cap
     finally:

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import ConfigError, PromptError
 from .models import LoadedModel
-from .scheme import attention_modules, attention_scheme, output_projection
+from .scheme import head_projections
 
 ABLATION_TOKENS = 512  # the text's first tokens scored; enough for a stable perplexity on a small model
 
@@ -35,32 +35,28 @@ def zero_heads(model: nn.Module, heads: Sequence[tuple[int, int]]) -> Iterator[N
         ConfigError: a layer without softmax attention, a head out of range, or attention without an output
             projection that takes the heads side by side.
     """
-    scheme = attention_scheme(model)
-    modules = attention_modules(model)
+    projections = head_projections(model)
+    if isinstance(projections, str):
+        raise ConfigError(f"can't ablate heads: {projections}")
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
-        ly = scheme.layers[layer] if 0 <= layer < len(scheme.layers) else None
-        if layer not in modules or ly is None or not ly.n_heads:
+        if layer not in projections:
             raise ConfigError(f"layer {layer} has no softmax attention to ablate")
-        if not 0 <= head < ly.n_heads:
-            raise ConfigError(f"layer {layer} has {ly.n_heads} heads; there is no head {head}")
+        if not 0 <= head < projections[layer].n_heads:
+            raise ConfigError(f"layer {layer} has {projections[layer].n_heads} heads; there is no head {head}")
         by_layer.setdefault(layer, []).append(head)
     handles = []
     try:
         for layer, hs in by_layer.items():
-            ly = scheme.layers[layer]
-            d_v = ly.v_head_dim or 0
-            got = output_projection(modules[layer], (ly.n_heads or 0) * d_v)
-            if isinstance(got, str):
-                raise ConfigError(f"can't ablate heads of layer {layer}: {got}")
+            proj = projections[layer]
 
-            def hook(_module: nn.Module, args: Any, hs: list[int] = hs, d_v: int = d_v) -> Any:
+            def hook(_module: nn.Module, args: Any, hs: list[int] = hs, d_v: int = proj.head_dim) -> Any:
                 x = args[0].clone()
                 for h in hs:
                     x[..., h * d_v: (h + 1) * d_v] = 0
                 return (x, *args[1:])
 
-            handles.append(got[0].register_forward_pre_hook(hook))
+            handles.append(proj.module.register_forward_pre_hook(hook))
         yield
     finally:
         for h in handles:

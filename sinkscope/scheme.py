@@ -366,6 +366,33 @@ def output_projection(attn: nn.Module, width: int) -> tuple[nn.Module, torch.Ten
             "the heads side by side")
 
 
+@dataclass(frozen=True)
+class HeadProjection:
+    """An attention layer's output projection read per head: ``weight`` ``[hidden, n_heads x head_dim]``, the
+    heads side by side in its input."""
+
+    module: nn.Module
+    weight: torch.Tensor
+    n_heads: int
+    head_dim: int
+
+
+def head_projections(model: nn.Module) -> dict[int, HeadProjection] | str:
+    """Layer index -> its :class:`HeadProjection`, for every layer with softmax attention; or why the model's
+    attention can't be read per head (what head-output capture and head ablation both need)."""
+    scheme = attention_scheme(model)
+    out: dict[int, HeadProjection] = {}
+    for i, attn in attention_modules(model).items():
+        ly = scheme.layers[i]
+        if not ly.n_heads or not ly.v_head_dim:
+            return f"layer {i}'s head count or value head dim is unknown"
+        got = output_projection(attn, ly.n_heads * ly.v_head_dim)
+        if isinstance(got, str):
+            return got
+        out[i] = HeadProjection(got[0], got[1], ly.n_heads, ly.v_head_dim)
+    return out
+
+
 def _attention_child(layer: nn.Module) -> nn.Module | None:
     for name in ATTN_NAMES:
         child = getattr(layer, name, None)
