@@ -6,7 +6,7 @@ import html
 import json
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -39,6 +39,7 @@ N_SINK_POSITIONS = 8
 DEFAULT_TOLERANCE = 0.05  # validated recommendation: within 5% of the best streaming perplexity
 STATS_FROM_TOKENS = 1024  # mode="auto": prompts longer than this are measured in statistics mode
 MODES = ("auto", "maps", "stats")
+GEOMETRY_FIELDS = tuple(f.name for f in fields(metrics.KeyGeometry))  # report.json key_geometry
 
 
 @dataclass
@@ -158,7 +159,7 @@ class PromptResult:
     output_norm: np.ndarray | None = None
     first_row_norm: np.ndarray | None = None
     head_outputs_unavailable: str | None = None
-    # name -> [L, H] (metrics.KeyGeometry's fields: sink_key_cos, other_key_cos, sink_key_norm, key_norm_median);
+    # name -> [L, H] (metrics.KeyGeometry's fields, GEOMETRY_FIELDS);
     # None with the reason for models whose attention does not go through transformers' attention interface.
     geometry: dict[str, np.ndarray] | None = None
     geometry_unavailable: str | None = None
@@ -286,17 +287,17 @@ class SinkProfile:
         return sorted(rows, key=lambda r: r["output_ratio"])
 
     def geometry(self, name: str) -> np.ndarray | None:
-        """``[layers, heads]`` mean over prompts of a key-geometry field (``sink_key_cos``, ``other_key_cos``,
-        ``sink_key_norm``, ``key_norm_median``), or None where a prompt could not measure it."""
-        return _mean_of_all(None if p.geometry is None else p.geometry[name] for p in self.prompts)
+        """``[layers, heads]`` mean over prompts of a key-geometry field (:data:`GEOMETRY_FIELDS`, those of
+        :class:`sinkscope.metrics.KeyGeometry`), or None where a prompt could not measure it (or a report written
+        before the field existed lacks it)."""
+        return _mean_of_all(None if p.geometry is None else p.geometry.get(name) for p in self.prompts)
 
     def geometry_dict(self) -> dict[str, Any]:
         """The ``key_geometry`` part of ``report.json``."""
         if self.geometry("sink_key_cos") is None:
             why = next((p.geometry_unavailable for p in self.prompts if p.geometry_unavailable), None)
             return {"unavailable": why or "not measured"}
-        return {name: _round(self.geometry(name))
-                for name in ("sink_key_cos", "other_key_cos", "sink_key_norm", "key_norm_median")}
+        return {name: _round(got) for name in GEOMETRY_FIELDS if (got := self.geometry(name)) is not None}
 
     def head_outputs_dict(self) -> dict[str, Any]:
         """The ``head_outputs`` part of ``report.json``."""
@@ -978,7 +979,7 @@ def _analyze_one(lm: LoadedModel, prompt: Prompt, ids: torch.Tensor, k_max: int,
         if missing:
             geometry_why = f"layers {missing[:5]} did not reach the attention function"
         else:
-            for name in ("sink_key_cos", "other_key_cos", "sink_key_norm", "key_norm_median"):
+            for name in GEOMETRY_FIELDS:
                 geo_arrays[name] = np.stack([getattr(geometry[layer], name) for layer in layers])
     output_norm = first_row = None
     heads_why = heads.unavailable

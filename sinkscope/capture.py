@@ -391,7 +391,8 @@ class _LayerJob:
         group = h // h_kv
         scale = scaling if scaling is not None else d ** -0.5
         if self.geometry is not None:
-            self.geometry(self.layer, key_geometry(query[0], key[0], self.k_max))
+            self.geometry(self.layer, key_geometry(query[0], key[0], value[0], self.k_max, scale=scale,
+                                                   softcap=softcap, window=self.window))
         bins = pool_bins(t, self.map_size) if self.map_size else None
         why_not = _gpu.unusable(query, key, value, mask, self.kind, self.window)
         if why_not is None:  # the GPU row pass: attention with its LSE, then one kernel for the statistics
@@ -538,7 +539,7 @@ def _stats_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     softcap, sink = kwargs.get("softcap"), kwargs.get("s_aux")
     if isinstance(job, _GeometryJob):  # geometry only: measure, then attend as any other module
         with torch.no_grad():
-            job.observe(query.detach(), key.detach())
+            job.observe(query.detach(), key.detach(), value.detach(), scaling, softcap)
         job = None
     if job is not None and not (module.training and dropout > 0):
         with torch.no_grad():
@@ -622,15 +623,17 @@ def capture_stats(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] | N
 class _GeometryJob:
     """Key geometry of one attention module for the forward pass in flight (the module then attends as usual)."""
 
-    def __init__(self, layer: int, k_max: int, out: dict[int, KeyGeometry]) -> None:
-        self.layer, self.k_max, self.out = layer, k_max, out
+    def __init__(self, layer: int, k_max: int, out: dict[int, KeyGeometry], window: int | None = None) -> None:
+        self.layer, self.k_max, self.out, self.window = layer, k_max, out, window
 
-    def observe(self, query: torch.Tensor, key: torch.Tensor) -> None:
+    def observe(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float | None,
+                softcap: float | None) -> None:
         if query.shape[0] != 1:
             raise CaptureError(f"geometry capture takes one sequence per forward pass, got a batch of {query.shape[0]}")
         if query.shape[2] != key.shape[2]:
             raise CaptureError("geometry capture needs the whole prompt in one forward pass without a KV cache")
-        self.out[self.layer] = key_geometry(query[0], key[0], self.k_max)
+        self.out[self.layer] = key_geometry(query[0], key[0], value[0], self.k_max, scale=scaling, softcap=softcap,
+                                            window=self.window)
 
 
 @dataclass
@@ -658,7 +661,8 @@ def capture_geometry(model: nn.Module, *, k_max: int = 8, layers: Sequence[int] 
     scheme.require("stats")
     modules = find_attention_modules(model)
     cap = GeometryCapture()
-    mine = {id(modules[i]): _GeometryJob(i, k_max, cap.layers) for i in scheme.select_layers(layers)}
+    mine = {id(modules[i]): _GeometryJob(i, k_max, cap.layers, scheme.layers[i].window)
+            for i in scheme.select_layers(layers)}
     _register()
     with routed_attention(model, STATS_IMPLEMENTATION, _jobs, _jobs_lock, mine, "a capture_geometry block"):
         yield cap

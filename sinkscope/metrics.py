@@ -295,22 +295,38 @@ class KeyGeometry:
 
     ``sink_key_cos`` ``[H]``: the mean over queries q >= K of cos(q_q, k_0); ``other_key_cos`` ``[H]``: the mean
     over the same queries of their mean cosine with the keys 1..q; ``sink_key_norm`` ``[H]``: the norm of k_0;
-    ``key_norm_median`` ``[H]``: the median norm of the keys 1..T-1."""
+    ``key_norm_median`` ``[H]``: the median norm of the keys 1..T-1; ``sink_margin`` ``[H]``: the median, over up to
+    :data:`MARGIN_ROWS` evenly spaced queries q >= K that see k_0, of the sink's score minus the best score of
+    the other keys the query sees (in logits, scaled and soft-capped as the softmax sees them; positive: the
+    first token wins outright); ``sink_value_norm`` ``[H]``: the norm of v_0; ``value_norm_median`` ``[H]``: the
+    median norm of the values 1..T-1."""
 
     sink_key_cos: np.ndarray
     other_key_cos: np.ndarray
     sink_key_norm: np.ndarray
     key_norm_median: np.ndarray
+    sink_margin: np.ndarray
+    sink_value_norm: np.ndarray
+    value_norm_median: np.ndarray
 
 
-def key_geometry(query: torch.Tensor, key: torch.Tensor, k_max: int) -> KeyGeometry:
-    """:class:`KeyGeometry` of one layer from its rotated queries ``[H, T, D]`` and keys ``[H_kv, T, D]`` (query
-    head h reads key head h // (H / H_kv)): O(T x H x D), blocks of queries, float64 sums."""
-    h, t, _ = query.shape
+# Queries sampled for the sink margin (evenly spaced): the best other score needs every key, so the margin costs
+# O(rows x T x D) per head, linear in T, where the exact margin of every row would be a T x T pass.
+MARGIN_ROWS = 128
+
+
+def key_geometry(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_max: int, *,
+                 scale: float | None = None, softcap: float | None = None, window: int | None = None
+                 ) -> KeyGeometry:
+    """:class:`KeyGeometry` of one layer from its rotated queries ``[H, T, D]``, keys ``[H_kv, T, D]`` and values
+    ``[H_kv, T, D_v]`` (query head h reads key head h // (H / H_kv)): O(T x H x D), blocks of queries, float64
+    sums. ``scale`` (default D ** -0.5), ``softcap`` and ``window`` (key j visible from q when q - j < window) are
+    the layer's, for the sink margin."""
+    h, t, d = query.shape
     h_kv = key.shape[0]
-    if h % h_kv or t <= k_max:
-        raise ValueError(f"expected [H, T, D] queries over [H_kv, T, D] keys with T > K, got {tuple(query.shape)} "
-                         f"and {tuple(key.shape)}")
+    if h % h_kv or t <= k_max or value.shape[:2] != key.shape[:2]:
+        raise ValueError(f"expected [H, T, D] queries over [H_kv, T, D] keys and values with T > K, got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)} and {tuple(value.shape)}")
     group = h // h_kv
     dev = key.device
     sink = key[:, 0].detach().double()
@@ -339,9 +355,55 @@ def key_geometry(query: torch.Tensor, key: torch.Tensor, k_max: int) -> KeyGeome
         sink_cos += (q_unit * sink_unit[:, None]).sum((-1, -2))
         other_cos += (q_unit * (sums[:, first:] / counts[None, :, None]).repeat_interleave(group, 0)).sum((-1, -2))
     n = t - k_max
+    v_norms = torch.linalg.vector_norm(value.detach().double(), dim=-1)  # [H_kv, T]
+
+    def per_head(x: torch.Tensor) -> np.ndarray:
+        return x.repeat_interleave(group, 0).cpu().numpy() if x.shape[0] == h_kv else x.cpu().numpy()
+
     return KeyGeometry(sink_key_cos=(sink_cos / n).cpu().numpy(), other_key_cos=(other_cos / n).cpu().numpy(),
-                       sink_key_norm=sink_norm.repeat_interleave(group, 0).cpu().numpy(),
-                       key_norm_median=norms[:, 1:].median(-1).values.repeat_interleave(group, 0).cpu().numpy())
+                       sink_key_norm=per_head(sink_norm), key_norm_median=per_head(norms[:, 1:].median(-1).values),
+                       sink_margin=sink_margin(query, key, k_max, scale=d ** -0.5 if scale is None else scale,
+                                               softcap=softcap, window=window),
+                       sink_value_norm=per_head(v_norms[:, 0]),
+                       value_norm_median=per_head(v_norms[:, 1:].median(-1).values))
+
+
+def sink_margin(query: torch.Tensor, key: torch.Tensor, k_max: int, *, scale: float, softcap: float | None = None,
+                window: int | None = None, rows: int | None = None) -> np.ndarray:
+    """``[H]`` the median over up to ``rows`` (default :data:`MARGIN_ROWS`) evenly spaced queries q >= K that see
+    key 0 of ``cap(s(q, 0)) - cap(max_{1 <= j <= q, j visible} s(q, j))``, s the scaled scores (NaN where no
+    such query exists). Float64 on the CPU, float32 on accelerators (scores there are the model's own precision
+    at best)."""
+    h, t, d = query.shape
+    h_kv = key.shape[0]
+    group = h // h_kv
+    last = t - 1 if window is None else min(t - 1, window - 1)  # the last query whose window still holds key 0
+    if last < max(k_max, 1):
+        return np.full(h, np.nan)
+    n = min(rows or MARGIN_ROWS, last - k_max + 1)
+    idx = torch.linspace(max(k_max, 1), last, n).round().long().unique().to(key.device)
+    dtype = torch.float64 if key.device.type == "cpu" else torch.float32
+    qs = query[:, idx].detach().to(dtype).reshape(h_kv, group * len(idx), d)  # query head h = kv head h // group
+    q_pos = idx.repeat(group)  # [group * rows]: each row's position
+    keys = key.detach().to(dtype)
+    best = torch.full(qs.shape[:2], float("-inf"), dtype=dtype, device=key.device)
+    block = max(1, (1 << 24) // max(1, qs.shape[0] * qs.shape[1]))
+    hi = int(idx.max()) + 1
+    for j0 in range(1, hi, block):
+        j = torch.arange(j0, min(hi, j0 + block), device=key.device)
+        s = qs @ keys[:, j0: j0 + len(j)].transpose(-1, -2)  # [H_kv, group * rows, block]
+        seen = j[None, :] <= q_pos[:, None]
+        if window is not None:
+            seen &= q_pos[:, None] - j[None, :] < window
+        best = torch.maximum(best, s.masked_fill(~seen, float("-inf")).amax(-1))
+    s0 = (qs * keys[:, :1]).sum(-1)
+
+    def cap(x: torch.Tensor) -> torch.Tensor:
+        x = x * scale
+        return x if softcap is None else softcap * torch.tanh(x / softcap)
+
+    margin = (cap(s0) - cap(best)).reshape(h, len(idx))  # row order: kv head, then group member, then position
+    return margin.double().median(-1).values.cpu().numpy()
 
 
 # A sink head is dormant when what it writes is small next to its layer's other heads: its mean projected

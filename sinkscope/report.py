@@ -542,8 +542,18 @@ def _inputs_html(profile: SinkProfile) -> str:
     return _card("BOS and chat template", _esc(_inputs_note(inputs)), body)
 
 
-GEOMETRY_COLUMNS = ["layer", "sink heads", "cos(q, k0)", "cos(q, other keys)", "|k0| / median |k|",
-                    "|v0 W_O| / output"]
+GEOMETRY_COLUMNS = ["layer", "sink heads", "cos(q, k0)", "cos(q, other keys)", "sink margin", "|k0| / median |k|",
+                    "|v0| / median |v|", "|v0 W_O| / output"]
+
+
+def _ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.divide(a, b, out=np.zeros_like(a, dtype=float), where=b > 0)
+
+
+def _fmt_mean(x: np.ndarray, spec: str) -> str:
+    """The mean of the finite entries (the margin is undefined where no sampled query sees the first token)."""
+    x = np.asarray(x, dtype=float)
+    return format(float(x[np.isfinite(x)].mean()), spec) if np.isfinite(x).any() else "—"
 
 
 def _geometry_summary(profile: SinkProfile) -> str | None:
@@ -553,31 +563,40 @@ def _geometry_summary(profile: SinkProfile) -> str | None:
     sink = profile.first_token_mass > profile.threshold
     if sc is None or oc is None or sn is None or kn is None or not sink.any():
         return None
-    ratio = np.divide(sn, kn, out=np.zeros_like(sn), where=kn > 0)
-    return (f"Over the {int(sink.sum())} sink heads, queries meet the first token's key at a mean cosine of "
+    text = (f"Over the {int(sink.sum())} sink heads, queries meet the first token's key at a mean cosine of "
             f"{sc[sink].mean():.3f}, against {oc[sink].mean():.3f} for the other keys they see; that key's norm is "
-            f"{ratio[sink].mean():.2f}x the median key's (direction, more than norm, makes the sink: Gu et al. "
-            "2024).")
+            f"{_ratio(sn, kn)[sink].mean():.2f}x the median key's (direction, more than norm, makes the sink: Gu "
+            "et al. 2024).")
+    margin, vn, vm = (profile.geometry(n) for n in ("sink_margin", "sink_value_norm", "value_norm_median"))
+    if margin is not None and vn is not None and vm is not None:
+        text += (f" The first token's score beats the best other key's by a median {_fmt_mean(margin[sink], '.2f')} "
+                 f"logits in sink heads ({_fmt_mean(margin[~sink], '.2f')} elsewhere), and its value's norm is "
+                 f"{_ratio(vn, vm)[sink].mean():.2f}x the median value's.")
+    return text
 
 
 def _geometry_rows(profile: SinkProfile) -> list[list[str]]:
     sc, oc = profile.geometry("sink_key_cos"), profile.geometry("other_key_cos")
     sn, kn = profile.geometry("sink_key_norm"), profile.geometry("key_norm_median")
+    margin, vn, vm = (profile.geometry(n) for n in ("sink_margin", "sink_value_norm", "value_norm_median"))
     first, out = profile.first_row_norm, profile.output_norm
     sink = profile.first_token_mass > profile.threshold
     rows = []
     for i, layer in enumerate(profile.layers):
         vo = "—" if first is None or out is None else f"{np.mean(first[i] / np.maximum(out[i], 1e-30)):.2f}"
         rows.append([str(layer), str(int(sink[i].sum())), f"{sc[i].mean():.3f}", f"{oc[i].mean():.3f}",
-                     f"{np.mean(sn[i] / np.maximum(kn[i], 1e-30)):.2f}", vo])
+                     "—" if margin is None else _fmt_mean(margin[i], ".2f"), f"{_ratio(sn[i], kn[i]).mean():.2f}",
+                     "—" if vn is None or vm is None else f"{_ratio(vn[i], vm[i]).mean():.2f}", vo])
     return rows
 
 
 def _geometry_note() -> str:
     return ("How each layer's queries (rotated, as the scores see them) meet the first token's key, mean over heads "
-            "and queries q >= K: their cosine with k0 and their mean cosine with the other keys they see; k0's norm "
-            "against the median key's; and what the first token's value adds through the output projection "
-            "against the head's mean output (a small value makes parked mass a near no-op).")
+            "and queries q >= K: their cosine with k0 and their mean cosine with the other keys they see; the sink "
+            "margin, k0's score minus the best other key's in logits (median over sampled queries; positive: the "
+            "first token wins outright); k0's and v0's norms against the median key's and value's; and what the "
+            "first token's value adds through the output projection against the head's mean output (a small "
+            "value makes parked mass a near no-op).")
 
 
 def _missing(info: dict[str, Any], what: str) -> str | None:
@@ -843,7 +862,7 @@ def mechanism_markdown(profile: SinkProfile, level: str = "##") -> str:
     else:
         summary = _geometry_summary(profile)
         out += [_md(_geometry_note()), ""] + ([_md(summary), ""] if summary else []) + [
-            _md_table(GEOMETRY_COLUMNS, _geometry_rows(profile), "rrrrrr"), ""]
+            _md_table(GEOMETRY_COLUMNS, _geometry_rows(profile), "rrrrrrrr"), ""]
 
     out += [f"{level} Dormant heads", ""]
     missing = _missing(profile.head_outputs_dict(), "head outputs")

@@ -13,7 +13,7 @@ import pytest
 import torch
 from conftest import TEXT_60, build_gpt2, build_llama, loaded
 
-from sinkscope import analyze, capture_head_outputs, metrics, scheme
+from sinkscope import analysis, analyze, capture_head_outputs, metrics, scheme
 from sinkscope.cli import main
 from sinkscope.errors import ConfigError
 from sinkscope.heads import ablate_heads, perplexity, zero_heads
@@ -184,17 +184,65 @@ def _loop_geometry(q: np.ndarray, k: np.ndarray, k_max: int) -> tuple[np.ndarray
     return sink, other
 
 
-def test_key_geometry_against_loops(monkeypatch):
+def _loop_margin(q: np.ndarray, k: np.ndarray, k_max: int, scale: float, softcap: float | None = None,
+                 window: int | None = None) -> np.ndarray:
+    """Per head, the median over every query i >= max(K, 1) that sees key 0 of cap(s_i0) - cap(max_j s_ij),
+    j = 1..i visible, with explicit loops (the lower middle of an even count, as torch's median)."""
+    h, t = q.shape[:2]
+    group = h // k.shape[0]
+
+    def cap(x):
+        x = x * scale
+        return x if softcap is None else softcap * math.tanh(x / softcap)
+
+    out = np.zeros(h)
+    for hh in range(h):
+        kk, qq = k[hh // group], q[hh]
+        margins = []
+        for i in range(max(k_max, 1), t):
+            if window is not None and i >= window:
+                continue
+            best = max(float(qq[i] @ kk[j]) for j in range(1, i + 1) if window is None or i - j < window)
+            margins.append(cap(float(qq[i] @ kk[0])) - cap(best))
+        out[hh] = np.sort(margins)[(len(margins) - 1) // 2]
+    return out
+
+
+@pytest.mark.parametrize("softcap, window", [(None, None), (3.0, 12), (None, 30)])
+def test_key_geometry_against_loops(monkeypatch, softcap, window):
     monkeypatch.setattr(metrics, "ACTIVATION_BLOCK", 4 * 8 * 7)  # blocks of 7 queries: the carry between blocks
+    monkeypatch.setattr(metrics, "MARGIN_ROWS", 1000)  # every query: the loop reference takes them all
     torch.manual_seed(1)
-    q, k = torch.randn(4, 40, 8), torch.randn(2, 40, 8)
-    got = metrics.key_geometry(q, k, K)
-    sink, other = _loop_geometry(q.double().numpy(), k.double().numpy(), K)
+    q, k, v = torch.randn(4, 40, 8), torch.randn(2, 40, 8), torch.randn(2, 40, 5) * 3
+    k[:, 0] *= 2.5  # a first key that wins some rows and loses others
+    got = metrics.key_geometry(q, k, v, K, scale=0.4, softcap=softcap, window=window)
+    qd, kd = q.double().numpy(), k.double().numpy()
+    sink, other = _loop_geometry(qd, kd, K)
     np.testing.assert_allclose(got.sink_key_cos, sink, atol=1e-12)
     np.testing.assert_allclose(got.other_key_cos, other, atol=1e-12)
-    norms = np.linalg.norm(k.double().numpy(), axis=-1)
+    norms = np.linalg.norm(kd, axis=-1)
     np.testing.assert_allclose(got.sink_key_norm, np.repeat(norms[:, 0], 2), rtol=1e-12)
     np.testing.assert_allclose(got.key_norm_median, np.repeat(np.sort(norms[:, 1:])[:, 19], 2), rtol=1e-12)
+    v_norms = np.linalg.norm(v.double().numpy(), axis=-1)
+    np.testing.assert_allclose(got.sink_value_norm, np.repeat(v_norms[:, 0], 2), rtol=1e-12)
+    np.testing.assert_allclose(got.value_norm_median, np.repeat(np.sort(v_norms[:, 1:])[:, 19], 2), rtol=1e-12)
+    margin = _loop_margin(qd, kd, K, 0.4, softcap, window)
+    np.testing.assert_allclose(got.sink_margin, margin, atol=1e-10)
+    assert (margin > 0).any() or (margin < 0).any()
+
+
+def test_sink_margin_samples_evenly_spaced_queries():
+    """With fewer sampled rows than queries: the median over the rows at round(linspace(K, T - 1, n)), each row's
+    margin from explicit loops; no query that sees key 0 (a window no wider than K): NaN."""
+    torch.manual_seed(2)
+    q, k = torch.randn(2, 50, 8), torch.randn(2, 50, 8)
+    got = metrics.sink_margin(q, k, K, scale=0.5, rows=7)
+    rows = np.unique(np.round(np.linspace(K, 49, 7)).astype(int))
+    qd, kd = q.double().numpy(), k.double().numpy()
+    for hh in range(2):
+        m = [0.5 * (qd[hh, i] @ kd[hh, 0]) - 0.5 * max(qd[hh, i] @ kd[hh, j] for j in range(1, i + 1)) for i in rows]
+        assert got[hh] == pytest.approx(np.sort(m)[(len(m) - 1) // 2], abs=1e-10)
+    assert np.isnan(metrics.sink_margin(q, k, K, scale=0.5, window=K)).all()
 
 
 def test_capture_geometry_sees_what_transformers_passes(tok_bos):
@@ -206,10 +254,11 @@ def test_capture_geometry_sees_what_transformers_passes(tok_bos):
 
     from sinkscope import capture_geometry
 
-    seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    seen: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = {}
 
     def record(module, query, key, value, mask, **kw):
-        seen[module.layer_idx] = (query[0].detach().double().numpy(), key[0].detach().double().numpy())
+        seen[module.layer_idx] = (query[0].detach().double().numpy(), key[0].detach().double().numpy(),
+                                  value[0].detach().double().numpy(), kw["scaling"])
         return sdpa_attention_forward(module, query, key, value, mask, **kw)
 
     AttentionInterface.register("test_record_qk", record)
@@ -224,15 +273,65 @@ def test_capture_geometry_sees_what_transformers_passes(tok_bos):
     with capture_geometry(model, k_max=K) as geo, torch.no_grad():
         model(input_ids=ids)
     profiles = [analyze(lm, TEXT_60, k_max=K, mode=m, map_size=None, progress=False) for m in ("maps", "stats")]
-    for layer, (q, k) in seen.items():
+    n = ids.shape[1]
+    rows = np.unique(np.round(np.linspace(K, n - 1, min(metrics.MARGIN_ROWS, n - K))).astype(int))
+    for layer, (q, k, v, scaling) in seen.items():
         sink, other = _loop_geometry(q, k, K)
-        np.testing.assert_allclose(geo.layers[layer].sink_key_cos, sink, atol=1e-6)
-        np.testing.assert_allclose(geo.layers[layer].other_key_cos, other, atol=1e-6)
-        for p in profiles:
-            np.testing.assert_allclose(p.geometry("sink_key_cos")[layer], sink, atol=1e-6)
-            np.testing.assert_allclose(p.geometry("other_key_cos")[layer], other, atol=1e-6)
-    assert set(profiles[0].to_dict()["key_geometry"]) == {"sink_key_cos", "other_key_cos", "sink_key_norm",
-                                                          "key_norm_median"}
+        group = q.shape[0] // k.shape[0]
+        margin = []
+        for hh in range(q.shape[0]):
+            kk = k[hh // group]
+            m = np.sort([scaling * (q[hh, i] @ kk[0] - max(q[hh, i] @ kk[j] for j in range(1, i + 1))) for i in rows])
+            margin.append(m[(len(m) - 1) // 2])
+        v_norms = np.linalg.norm(v, axis=-1)
+        v0, v_median = np.repeat(v_norms[:, 0], group), np.repeat(np.sort(v_norms[:, 1:])[:, (n - 2) // 2], group)
+        getters = [lambda name, at=layer: getattr(geo.layers[at], name)]
+        getters += [lambda name, p=p, at=layer: p.geometry(name)[at] for p in profiles]
+        for get in getters:
+            np.testing.assert_allclose(get("sink_key_cos"), sink, atol=1e-6)
+            np.testing.assert_allclose(get("other_key_cos"), other, atol=1e-6)
+            np.testing.assert_allclose(get("sink_margin"), margin, atol=1e-5)
+            np.testing.assert_allclose(get("sink_value_norm"), v0, rtol=1e-6)
+            np.testing.assert_allclose(get("value_norm_median"), v_median, rtol=1e-6)
+    assert set(profiles[0].to_dict()["key_geometry"]) == set(analysis.GEOMETRY_FIELDS) == {
+        "sink_key_cos", "other_key_cos", "sink_key_norm", "key_norm_median", "sink_margin", "sink_value_norm",
+        "value_norm_median"}
+
+
+def test_sink_margin_uses_the_layers_window_and_softcap():
+    """Gemma-2 (soft-capped logits, sliding layers with a window of 6): capture_geometry's margin against loops
+    over the queries and keys transformers passes, capped and windowed as the scheme says each layer is."""
+    from families import build, token_ids
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward
+
+    from sinkscope import capture_geometry
+
+    seen: dict[int, tuple[np.ndarray, np.ndarray, float, float]] = {}
+
+    def record(module, query, key, value, mask, **kw):
+        seen[module.layer_idx] = (query[0].detach().double().numpy(), key[0].detach().double().numpy(),
+                                  kw["scaling"], kw["softcap"])
+        return eager_attention_forward(module, query, key, value, mask, **kw)
+
+    AttentionInterface.register("test_record_qk_cap", record)
+    AttentionMaskInterface.register("test_record_qk_cap", eager_mask)
+    model = build("gemma2", seed=3)
+    ids = token_ids(30, seed=3)
+    model.set_attn_implementation("test_record_qk_cap")
+    with torch.no_grad():
+        model(input_ids=ids)
+    model.set_attn_implementation("eager")
+    with capture_geometry(model, k_max=2) as geo, torch.no_grad():
+        model(input_ids=ids)
+    windows = [layer.window for layer in scheme.attention_scheme(model).layers]
+    assert None in windows and 6 in windows
+    for layer, (q, k, scaling, softcap) in seen.items():
+        assert softcap == 5.0
+        want = _loop_margin(q, k, 2, scaling, softcap, windows[layer])
+        # (layer 1's input passed through float32 attention: not bit-equal to the recorded run's)
+        np.testing.assert_allclose(geo.layers[layer].sink_margin, want, atol=1e-5)
 
 
 def test_sink_llama_aligns_with_its_sink_key_and_the_report_says_so(sink_llama, monkeypatch):

@@ -315,26 +315,40 @@ def finish(pending: list[PendingStats]) -> list[LayerStats]:
     return out
 
 
-_BIN_CACHE: dict[tuple[int, int, str], tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_BIN_CACHE: dict[tuple, tuple] = {}
+
+
+def _cached(key: tuple, make: Any) -> Any:
+    got = _BIN_CACHE.get(key)
+    if got is None:
+        if len(_BIN_CACHE) > 64:
+            _BIN_CACHE.clear()
+        got = _BIN_CACHE[key] = make()
+    return got
 
 
 def _bin_tensors(bins: list[tuple[int, int]], t: int, device: torch.device
-                 ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(bin of each position, the same on ``device`` as int32, the bins' edges on ``device`` as int32, bin widths
-    float64 on ``device``), made once per length: a host-to-device copy per layer would stall the GPU's queue."""
-    key = (t, len(bins), str(device))
-    got = _BIN_CACHE.get(key)
-    if got is None:
+                 ) -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
+    """(bin of each position, the bins' edges on ``device`` as int32, bin widths float64 on ``device``), made once
+    per length: a host-to-device copy per layer would stall the GPU's queue."""
+    def make() -> tuple[np.ndarray, torch.Tensor, torch.Tensor]:
         bin_of = np.empty(t, dtype=np.int64)
         for i, (a, b) in enumerate(bins):
             bin_of[a:b] = i
         edges = torch.tensor([a for a, _ in bins] + [bins[-1][1]], dtype=torch.int32)
         width = torch.tensor([b - a for a, b in bins], dtype=torch.float64)
-        got = (bin_of, torch.from_numpy(bin_of.astype(np.int32)).to(device), edges.to(device), width.to(device))
-        if len(_BIN_CACHE) > 64:
-            _BIN_CACHE.clear()
-        _BIN_CACHE[key] = got
-    return got
+        return bin_of, edges.to(device), width.to(device)
+    return _cached(("bins", t, len(bins), str(device)), make)
+
+
+def _tile_bins(bin_of: np.ndarray, t: int, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first and last bin of each block of ``step`` positions (int32 on ``device``), once per length."""
+    def make() -> tuple[torch.Tensor, torch.Tensor]:
+        starts = np.arange(0, t, step)
+        ends = np.minimum(starts + step, t) - 1
+        return (torch.from_numpy(bin_of[starts].astype(np.int32)).to(device),
+                torch.from_numpy(bin_of[ends].astype(np.int32)).to(device))
+    return _cached(("tiles", t, int(bin_of[-1]) + 1, step, str(device)), make)
 
 
 def layer_stats(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: float, softcap: float | None,
@@ -350,14 +364,15 @@ def layer_stats(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: f
     q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
     bq, bk, warps, stages = _blocks(dev)
     nb = len(bins) if bins else 0
-    qbin = torch.zeros(1, dtype=torch.int32, device=dev)
+    tfirst = tlast = edges = torch.zeros(1, dtype=torch.int32, device=dev)
     qb = 1
     if bins:
-        bin_of, qbin, edges, width = _bin_tensors(bins, t, dev)
+        bin_of, edges, width = _bin_tensors(bins, t, dev)
         qb = _span(bin_of, t, bq)
         if qb > 8 and q.is_cuda:  # narrow bins (short prompts): smaller tiles, fewer bins per tile to unroll
             bq = 16
             qb = _span(bin_of, t, bq)
+        tfirst, tlast = _tile_bins(bin_of, t, bq, dev)
     ent = torch.empty(h, t, dtype=torch.float32, device=dev)
     recv = torch.empty(h, t, dtype=torch.float32, device=dev)
     first = torch.empty(h, k_max, dtype=torch.float32, device=dev)
@@ -366,8 +381,8 @@ def layer_stats(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: f
     pool = torch.zeros((h, nb, t) if bins else (1,), dtype=torch.float32, device=dev)
     grid = (math.ceil(t / bk), h)
     kernels.stats_kernel[grid](
-        q, k, lse.contiguous(), ent, recv, first, pool, qbin, t, nb, h // k.shape[1], scale, softcap or 1.0,
-        window or 0, k_max, local, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
+        q, k, lse.contiguous(), ent, recv, first, pool, tfirst, tlast, edges, t, nb, h // k.shape[1], scale,
+        softcap or 1.0, window or 0, k_max, local, q.stride(1), q.stride(2), k.stride(1), k.stride(2),
         D=d, DP=_pow2(d), BQ=bq, BK=bk, DOT_F32=_dot_f32(q), SOFTCAP=softcap is not None, HAS_WINDOW=bool(window),
         BINS=bool(bins), QB=qb, num_warps=warps, num_stages=stages)
     rows = 64 if q.is_cuda else 16

@@ -69,8 +69,8 @@ def _flush(col, rb, cols, h, T, NB, POOL, done):
 
 
 @triton.jit
-def _stats_tile(k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, scale2, softcap, WINDOW, K_MAX,
-                LOCAL, recv, ent, first, cur, c, POOL, NB, BQ: tl.constexpr, MASKED: tl.constexpr,
+def _stats_tile(k, m0, n0, cols, h, T, Q, LSE, TFIRST, TLAST, EDGES, sq_h, sq_t, dims, d_ok, scale, scale2, softcap,
+                WINDOW, K_MAX, LOCAL, recv, ent, first, cur, c, POOL, NB, BQ: tl.constexpr, MASKED: tl.constexpr,
                 DOT_F32: tl.constexpr, SOFTCAP: tl.constexpr, HAS_WINDOW: tl.constexpr, BINS: tl.constexpr,
                 QB: tl.constexpr, D_MASK: tl.constexpr):
     """Query rows ``m0 .. m0 + BQ`` against the program's keys: scores ``[keys, rows]``, so that every sum over
@@ -110,32 +110,36 @@ def _stats_tile(k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, sca
         recv += colsum
         first += colsum
     if BINS:
-        # The tile's first and last query bins, from the rows' bins (loaded like the LSE, reduced in a warp).
-        # Branch-free: the sums of the bins after the first (QB - 1 of them) are formed whether or not the tile
-        # reaches them (they are zero then), and stores are predicated.
-        row_bin = tl.load(QBIN + rows, mask=rows < T, other=-1)
-        last = tl.max(row_bin, axis=0)
-        f = tl.min(tl.where(rows < T, row_bin, 2147483647), axis=0)
+        # The tile's first and last query bins come from a table made on the host (a reduction over the tile's
+        # rows here cost more than the rest of the bins' work).
+        f = tl.load(TFIRST + m0 // BQ)
+        last = tl.load(TLAST + m0 // BQ)
         zero = cols * 0
         new_bin = zero + f != c
         _flush(cur, c, cols, h, T, NB, POOL, new_bin)  # the tile starts a later bin: cur's is complete
         cur = tl.where(new_bin, 0.0, cur)
-        rest = tl.zeros_like(cur)
-        tail = tl.zeros_like(cur)
-        for j in tl.static_range(1, QB):
-            part = tl.sum(p * (row_bin == f + j).to(tl.float32)[None, :], axis=1)
-            rest += part
-            _flush(part, f + j, cols, h, T, NB, POOL, zero + f + j < last)
-            tail = tl.where(zero + f + j == last, part, tail)
-        head = colsum - rest + cur
-        _flush(head, f, cols, h, T, NB, POOL, zero + f < last)
-        cur = tl.where(zero + f == last, head, tail)
+        if f == last:  # the tile lies in one bin (most tiles of wide bins): no per-score work
+            cur = cur + colsum
+        else:
+            # Branch-free inside: the sums of the bins after the first (QB - 1 of them) are formed whether or
+            # not the tile reaches them (they are zero then), and stores are predicated.
+            rest = tl.zeros_like(cur)
+            tail = tl.zeros_like(cur)
+            for j in tl.static_range(1, QB):
+                lo = tl.load(EDGES + tl.minimum(f + j, NB))
+                hi = tl.load(EDGES + tl.minimum(f + j + 1, NB))
+                part = tl.sum(p * ((rows >= lo) & (rows < hi)).to(tl.float32)[None, :], axis=1)
+                rest += part
+                _flush(part, f + j, cols, h, T, NB, POOL, zero + f + j < last)
+                tail = tl.where(zero + f + j == last, part, tail)
+            _flush(colsum - rest + cur, f, cols, h, T, NB, POOL, zero + f < last)
+            cur = tail
         c = last
     return recv, ent, first, cur, c
 
 
 @triton.jit
-def stats_kernel(Q, Kt, LSE, ENT, RECV, FIRST, POOL, QBIN,
+def stats_kernel(Q, Kt, LSE, ENT, RECV, FIRST, POOL, TFIRST, TLAST, EDGES,
                  T, NB, GROUP, scale, softcap, WINDOW, K_MAX, LOCAL,
                  sq_h, sq_t, sk_h, sk_t,
                  D: tl.constexpr, DP: tl.constexpr, BQ: tl.constexpr, BK: tl.constexpr,
@@ -147,7 +151,8 @@ def stats_kernel(Q, Kt, LSE, ENT, RECV, FIRST, POOL, QBIN,
 
     Writes, per head and key j: ``ENT[h, j]`` = sum over rows q >= K of p s, ``RECV[h, j]`` = sum of p over rows
     q >= max(K, j + LOCAL), ``FIRST[h, j]`` (j < K) = sum of p over rows q >= K; with ``BINS``, ``POOL[h, a, j]``
-    = the sum of p over the rows of query bin a (``QBIN`` maps a position to its bin; ``QB``: the most bins one
+    = the sum of p over the rows of query bin a (``TFIRST``/``TLAST``: the first and last bin of each tile of ``BQ``
+    rows; ``EDGES``: the bins' edges; ``QB``: the most bins one
     tile of rows spans), summed over key bins afterwards."""
     pid = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)  # 64-bit head offsets: heads x T x D passes 2**31 on long prompts
@@ -181,20 +186,23 @@ def stats_kernel(Q, Kt, LSE, ENT, RECV, FIRST, POOL, QBIN,
     cur = tl.zeros([BK], dtype=tl.float32)
     c = 0
     if BINS:
-        c = tl.load(QBIN + start)
+        c = tl.load(TFIRST + start // BQ)
     for m0 in range(start, a, BQ):
         recv, ent, first, cur, c = _stats_tile(
-            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, scale2, softcap, WINDOW, K_MAX, LOCAL,
+            k, m0, n0, cols, h, T, Q, LSE, TFIRST, TLAST, EDGES, sq_h, sq_t, dims, d_ok, scale, scale2, softcap,
+            WINDOW, K_MAX, LOCAL,
             recv, ent, first, cur, c, POOL, NB, BQ, True, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB,
             D_MASK)
     for m0 in range(a, b, BQ):
         recv, ent, first, cur, c = _stats_tile(
-            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, scale2, softcap, WINDOW, K_MAX, LOCAL,
+            k, m0, n0, cols, h, T, Q, LSE, TFIRST, TLAST, EDGES, sq_h, sq_t, dims, d_ok, scale, scale2, softcap,
+            WINDOW, K_MAX, LOCAL,
             recv, ent, first, cur, c, POOL, NB, BQ, False, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB,
             D_MASK)
     for m0 in range(b, end, BQ):
         recv, ent, first, cur, c = _stats_tile(
-            k, m0, n0, cols, h, T, Q, LSE, QBIN, sq_h, sq_t, dims, d_ok, scale, scale2, softcap, WINDOW, K_MAX, LOCAL,
+            k, m0, n0, cols, h, T, Q, LSE, TFIRST, TLAST, EDGES, sq_h, sq_t, dims, d_ok, scale, scale2, softcap,
+            WINDOW, K_MAX, LOCAL,
             recv, ent, first, cur, c, POOL, NB, BQ, True, DOT_F32, SOFTCAP, HAS_WINDOW, BINS, QB,
             D_MASK)
     if BINS:
