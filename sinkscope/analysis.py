@@ -206,6 +206,8 @@ class SinkProfile:
     extra: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] | None = None  # sinkscope.inputs.InputSensitivity.to_dict() of one prompt, if measured
     ablation: dict[str, Any] | None = None  # sinkscope.heads.HeadAblation.to_dict() (report --ablate), if run
+    # sinkscope.pins.PinEvidence.to_dict() (report --pins), or {"unavailable": why}; None: not tried
+    pinning: dict[str, Any] | None = None
     cache_refused: str | None = None  # why SinkCache can't serve the model exactly (None: it can)
 
     @property
@@ -376,6 +378,7 @@ class SinkProfile:
             "head_outputs": self.head_outputs_dict(),
             "key_geometry": self.geometry_dict(),
             "ablation": self.ablation,
+            "pinning": self.pinning,
             "deploy": self.deploy.to_dict(),
             "per_prompt": [{"name": p.name, "first_token_mass": _round(p.first_token_mass),
                             "sink_rate": metrics.sink_rate(p.first_token_mass, self.threshold)}
@@ -760,7 +763,7 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
     if mode == "stats" and unsupported:
         raise ConfigError(unsupported)
     items = as_prompts(prompts)
-    encoded = [_encode(lm, p, max_tokens, k_max) for p in items]
+    encoded = [encode_prompt(lm, p, max_tokens, k_max) for p in items]
     layer_list = scheme.select_layers(layers, ConfigError)
     modes = [_mode_for(mode, int(ids.shape[1]), unsupported) for ids in encoded]
     if "maps" in modes:
@@ -833,7 +836,9 @@ def _as_loaded(model: Any, tokenizer: Any) -> LoadedModel:
     return LoadedModel(model, tokenizer, spec_from_model(model, tokenizer, str(name), str(name)))
 
 
-def _encode(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int) -> torch.Tensor:
+def encode_prompt(lm: LoadedModel, prompt: Prompt, max_tokens: int | None, k_max: int = 0) -> torch.Tensor:
+    """``[1, T]`` the token ids that :func:`analyze` measures for ``prompt``: its ``ids`` or its text tokenized,
+    cut to ``max_tokens`` (default: the model's context); a prompt of K tokens or fewer is refused."""
     if prompt.ids is not None:
         ids = torch.tensor([list(prompt.ids)], dtype=torch.long)
     else:

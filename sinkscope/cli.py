@@ -191,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_rep.add_argument("--ablate", action="store_true",
                        help="zero the heads flagged dormant and score the first prompt (512 tokens) against the "
                             "intact model and as many random non-sink heads zeroed (a few more forwards)")
+    p_rep.add_argument("--pins", action=argparse.BooleanOptionalAction, default=True,
+                       help="stream the first prompt with secondary sinks with them pinned, against as many more "
+                            "leading tokens (three one-pass streams; default: on; --no-pins skips it)")
     p_rep.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_model_options(p_rep)
     p_rep.set_defaults(func=cmd_report)
@@ -435,6 +438,8 @@ def cmd_report(args: argparse.Namespace) -> int:
             print(f"note: no BOS / chat-template comparison ({exc}); --no-inputs skips it", file=sys.stderr)
     if args.ablate:
         _ablate(profile, lm, prompts[0])
+    if args.pins:
+        _pin(profile, lm, prompts)
     paths = write_report(profile, out)
     rec = profile.recommendation
     print(f"{lm.spec.name}: {len(profile.prompts)} prompts, "
@@ -462,6 +467,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print(f"dormant heads: {len(dormant)} ({names})")
     if profile.ablation:
         print(f"ablation: {profile.ablation['verdict']}")
+    if profile.pinning and "verdict" in profile.pinning:
+        print(f"secondary sinks: {profile.pinning['verdict']}")
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0
@@ -482,6 +489,20 @@ def _ablate(profile: SinkProfile, lm: LoadedModel, prompt: Prompt) -> None:
     others = [(profile.layers[int(i)], int(h)) for i, h in zip(*np.nonzero(ftm <= profile.threshold), strict=True)]
     profile.ablation = ablate_heads(lm, prompt.text, [(d["layer"], d["head"]) for d in dormant],
                                     control_from=others, name=prompt.name).to_dict()
+
+
+def _pin(profile: SinkProfile, lm: LoadedModel, prompts: list[Prompt]) -> None:
+    """``report --pins``: the first prompt's secondary sinks pinned, against as many more leading tokens."""
+    from .pins import profile_pin_evidence
+
+    if not any(p.secondary_sinks for p in profile.prompts):
+        profile.pinning = {"unavailable": "no secondary sinks to pin"}
+        return
+    try:
+        profile.pinning = profile_pin_evidence(lm, profile, prompts).to_dict()
+    except SinkscopeError as exc:  # a model one pass can't stream, a prompt too short: the report stands
+        profile.pinning = {"unavailable": str(exc)}
+        print(f"note: secondary sinks not pinned ({exc}); --no-pins skips this", file=sys.stderr)
 
 
 def _print_capture_notes(profile: SinkProfile) -> None:

@@ -480,7 +480,22 @@ def _secondary_note() -> str:
     return (f"Positions beyond the first that distant queries of a layer favour: at least "
             f"{metrics.SECONDARY_MASS:g} of their attention per head and {metrics.SECONDARY_RATIO:g}x uniform. A "
             "StreamingLLM cache keeps the first S tokens and the last W, so these drop out once they leave the "
-            "window; keeping chosen positions would be another cache, not evaluated here.")
+            "window. Pinning them is tested by streaming the prompt with them pinned, against as many more "
+            "leading tokens (the same cache size), in one pass each.")
+
+
+def _pinning_sentence(profile: SinkProfile) -> str:
+    """What ``report --pins`` found, as one sentence (or why it did not run)."""
+    pin = profile.pinning
+    if pin is None:
+        return "Pinning not tested (sinkscope report --pins, the default, tests it)."
+    if "unavailable" in pin:
+        return f"Pinning not tested: {pin['unavailable']}."
+    where = ", ".join(f"{p} ({_token(t)})" if t else str(p) for p, t in zip(pin["positions"], pin["tokens"],
+                                                                             strict=True))
+    return (f"Pinned on {pin['prompt']} (positions {where}; S = {pin['sinks']}, W = {pin['window']}, tokens "
+            f"{pin['scored_from']}-{pin['n_tokens'] - 1} scored): {pin['verdict'][:1].upper()}{pin['verdict'][1:]}; "
+            f"SinkCache(S, W) alone: {pin['baseline_ppl']:.3f}.")
 
 
 def _secondary_html(profile: SinkProfile) -> str:
@@ -488,9 +503,9 @@ def _secondary_html(profile: SinkProfile) -> str:
     if not shown:
         return _card("Secondary sinks", _esc(_secondary_note()),
                      '<p class="note">No position beyond the first is a sink in any layer.</p>')
-    body = "".join(f"<h3>{_esc(p.name)} ({p.n_tokens} tokens)</h3>"
-                   + _html_table(SECONDARY_COLUMNS, _secondary_rows(p, lambda t: f"<code>{_esc(t)}</code>"))
-                   for p in shown)
+    body = f'<p class="verdict">{_esc(_pinning_sentence(profile))}</p>' + "".join(
+        f"<h3>{_esc(p.name)} ({p.n_tokens} tokens)</h3>"
+        + _html_table(SECONDARY_COLUMNS, _secondary_rows(p, lambda t: f"<code>{_esc(t)}</code>")) for p in shown)
     return _card("Secondary sinks", _esc(_secondary_note()), body)
 
 
@@ -955,6 +970,8 @@ def render_markdown(profile: SinkProfile) -> str:
                             f"{s.vs_uniform:.1f}"] for s in p.sink_positions], "rllrr"), ""]
 
     out += ["## Secondary sinks", "", _md(_secondary_note()), ""]
+    if any(p.secondary_sinks for p in profile.prompts):
+        out += [_md(_pinning_sentence(profile)), ""]
     for p in profile.prompts:
         if p.secondary_sinks:
             out += [f"### {_md(p.name)} ({p.n_tokens} tokens)", "",

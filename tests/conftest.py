@@ -312,3 +312,52 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def colon_sink_llama(tok_bos):
+    """The sink Llama with the ':' token made a copy of BOS: a second sink at its position, in every layer."""
+    model = build_sink_llama(tok_bos)
+    colon = tok_bos.convert_tokens_to_ids(":")
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[colon] = emb[tok_bos.bos_token_id]
+    return loaded(model, tok_bos, "colon-sink-llama")
+
+
+# ------------------------------------------------------------------ a stream with pinned positions, by hand
+
+
+def rotate_llama(k: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Hand-written RoPE by ``delta`` positions, Llama's layout (the halves of the head dim paired)."""
+    ang = delta * inv_freq.double()
+    cos, sin = torch.cat([ang.cos(), ang.cos()]), torch.cat([ang.sin(), ang.sin()])
+    half = k.shape[-1] // 2
+    rot = torch.cat([-k[..., half:], k[..., :half]], dim=-1)
+    return (k.double() * cos + rot.double() * sin).to(k.dtype)
+
+
+def pinned_stream_reference(model, x: list[int], sinks: int, window: int, pins: set[int]) -> np.ndarray:
+    """Token by token through transformers' DynamicCache, managed here: each step the token leaving the window
+    is dropped unless kept (the first ``sinks`` or a pin), and the keys after it move down one slot
+    (re-rotated by -1 with the hand-written rotation); each token is fed at its slot, the kept tokens' count."""
+    from transformers import DynamicCache
+
+    kept, inv_freq = set(range(sinks)) | pins, model.model.rotary_emb.inv_freq
+    cache, order, out = DynamicCache(config=model.config), [], np.full(len(x), np.nan)
+    with torch.no_grad():
+        for t, tok in enumerate(x):
+            gone = t - window
+            if gone >= 0 and gone not in kept:
+                i = order.index(gone)
+                for layer in cache.layers:
+                    moved = rotate_llama(layer.keys[..., i + 1:, :], -1, inv_freq)
+                    layer.keys = torch.cat([layer.keys[..., :i, :], moved], -2)
+                    layer.values = torch.cat([layer.values[..., :i, :], layer.values[..., i + 1:, :]], -2)
+                order.pop(i)
+            logits = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[len(order)]]),
+                           past_key_values=cache, use_cache=True).logits[0, -1]
+            order.append(t)
+            if t + 1 < len(x):
+                out[t + 1] = float(torch.nn.functional.cross_entropy(logits.float()[None], torch.tensor([x[t + 1]])))
+    return out

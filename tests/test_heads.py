@@ -353,19 +353,6 @@ def test_sink_llama_aligns_with_its_sink_key_and_the_report_says_so(sink_llama, 
 # ---------------------------------------------------------------------------------------- secondary sinks
 
 
-@pytest.fixture(scope="module")
-def colon_sink_llama(tok_bos):
-    """The sink Llama with the ':' token made a copy of BOS: a second sink at its position, in every layer."""
-    from conftest import build_sink_llama
-
-    model = build_sink_llama(tok_bos)
-    colon = tok_bos.convert_tokens_to_ids(":")
-    with torch.no_grad():
-        emb = model.model.embed_tokens.weight
-        emb[colon] = emb[tok_bos.bos_token_id]
-    return loaded(model, tok_bos, "colon-sink-llama")
-
-
 @pytest.mark.parametrize("mode", ["maps", "stats"])
 def test_secondary_sinks_against_eager_maps(colon_sink_llama, ref, mode):
     """Per layer, from the received mass of transformers' eager maps (explicit loops) and the rule written out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import build_llama, loaded
+from conftest import build_llama, loaded, pinned_stream_reference
 from families import build
 
 from sinkscope.errors import ConfigError
@@ -152,3 +152,33 @@ def test_a_dropped_softcap_is_refused_before_any_work(tok_nobos) -> None:
     assert "soft-capped" in str(exc.value) and "\n" not in str(exc.value)
     eager = build("gemma2", attn="eager")
     assert prepare_stream_eval(loaded(eager, tok_nobos, "gemma2"), ids(60), sinks=(0, 2), window=8).ids
+
+
+# ------------------------------------------------------------------------------------------- pinned positions
+
+
+@pytest.mark.parametrize(("sinks", "window", "chunk", "pins"), [
+    (2, 8, 5, (6, 11, 30)),  # pins arriving in later chunks, one right after the sinks
+    (0, 6, 64, (3,)),  # a pin and no sinks, one forward
+    (1, 7, 1, (1, 2, 20, 49)),  # one token per forward; a pin at the text's last token never leaves the window
+])
+def test_pins_equal_a_hand_managed_cache(sinks, window, chunk, pins) -> None:
+    model = build_llama(seed=4)
+    x = ids(50, seed=5)
+    got = onepass_nll(model, x, sinks, window, chunk=chunk, pins=pins)
+    ref = pinned_stream_reference(model, x, sinks, window, set(pins))
+    np.testing.assert_allclose(got[1:], ref[1:], atol=1e-5)
+    plain = onepass_nll(model, x, sinks, window, chunk=chunk)
+    assert np.abs(got[1:] - plain[1:]).max() > 1e-3  # the pins changed what later tokens see
+
+
+def test_pins_among_the_sinks_or_past_the_text_change_nothing(tok_nobos) -> None:
+    model = build_llama(seed=4)
+    x = ids(40, seed=6)
+    plain = onepass_nll(model, x, 3, 8, chunk=7)
+    np.testing.assert_allclose(onepass_nll(model, x, 3, 8, chunk=7, pins=(0, 2, 500))[1:], plain[1:], atol=1e-6)
+    # and the hand-managed reference, without pins, is SinkCache's stream
+    np.testing.assert_allclose(pinned_stream_reference(model, x, 3, 8, set())[1:],
+                               streaming_nll(loaded(model, tok_nobos, "llama"), x, 3, 8)[1:], atol=1e-5)
+    with pytest.raises(ConfigError, match="pinned positions must be whole numbers >= 0"):
+        onepass_nll(model, x, 3, 8, pins=(-1,))

@@ -29,6 +29,14 @@ rows at a time over the sink columns plus the band of keys the block needs, sink
 softmax (with gpt-oss's learned sink logit as one more outcome and Gemma-2's soft-cap on the scores): memory
 is O(rows x (W + S)) per block, never a T x T tensor.
 
+Pinned positions
+----------------
+``pins`` generalise the sinks: the cache keeps the last ``W`` tokens and every kept position (``0 .. S-1`` and
+the pins) that has left them, in order, each at its rank: a kept key ``p_i`` (the i-th kept position) sits
+at slot ``i`` once ``p_i <= t - W``, and query ``t`` at slot (kept positions out of the window) +
+``min(t, W - 1)``. With no pins that is ``SinkCache``'s layout above. No cache shipped elsewhere pins later
+positions; the evaluation measures whether pinning secondary sinks would pay (``sinkscope.pins``).
+
 Positions are local to each chunk: its first token sits at position ``L`` (the tail it carries, at most
 ``max(W, sliding_window) - 1``) and the carried keys are re-rotated from the position they arrived at to
 this chunk's frame, once each time, in float32. So no query or key is ever rotated by a large absolute
@@ -70,21 +78,23 @@ class _BandLayer(CacheLayerMixin):
     """One softmax-attention layer: the sink keys, the tail carried between chunks, the chunk in flight.
 
     ``band``: keys each query sees at true distances, itself included (``W``, or a local layer's window);
-    ``sinks``: ``S`` for global layers, 0 for local ones; ``budget``: ``S + W``, the global layers' cache.
+    ``pins``: the positions the cache keeps once they leave the band, ascending (global layers: ``0 .. S-1``
+    and any pinned later positions; local layers: none).
     """
 
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, index: int, rope: LayerRope | None, sinks: int, band: int, budget: int, local: bool):
+    def __init__(self, index: int, rope: LayerRope | None, pins: Sequence[int], band: int, local: bool):
         super().__init__()
-        self.index, self.rope, self.sinks, self.band, self.budget = index, rope, sinks, band, budget
+        self.index, self.rope, self.band = index, rope, band
+        self.pins = tuple(pins)
         self.is_sliding = local
         self.seen: set[int] = set()  # shared by the layers of one evaluation: which attended in this forward
         self.reset()
 
     def reset(self) -> None:
-        self.sink_k = self.sink_v = None  # [1, kv heads, <= S, D], rotated to positions 0 .. S-1
+        self.sink_k = self.sink_v = None  # [1, kv heads, <= len(pins), D], pin i rotated to cache slot i
         self.tail_k = self.tail_v = None  # as they arrived
         self.tail_off: torch.Tensor | None = None  # arrival position - global index, per tail key
         self.start = 0  # global index of the chunk's first token
@@ -126,11 +136,13 @@ class _BandLayer(CacheLayerMixin):
             all_v = values
             all_off = torch.cat([self.tail_off, torch.full((n,), frame - c0, dtype=torch.long, device=dev)])
         have = 0 if self.sink_k is None else int(self.sink_k.shape[-2])
-        if have < self.sinks and c0 < self.sinks:  # sinks arrive in the first chunk(s): keep them at 0 .. S-1
-            a, b = max(have, c0), min(self.sinks, c0 + n)
-            sk = self._moved(key_states[..., a - c0:b - c0, :],
-                             torch.full((b - a,), c0 - frame, dtype=torch.long, device=dev))
-            sv = value_states[..., a - c0:b - c0, :]
+        # Pins that arrive in this chunk: kept from now on, pin i rotated to its cache slot i.
+        mine = [(i, p) for i, p in enumerate(self.pins) if i >= have and c0 <= p < c0 + n]
+        if mine:
+            at = torch.tensor([p - c0 for _, p in mine], dtype=torch.long, device=dev)
+            sk = self._moved(key_states[..., at, :],
+                             torch.tensor([i - (p - c0 + frame) for i, p in mine], dtype=torch.long, device=dev))
+            sv = value_states[..., at, :]
             self.sink_k = sk if self.sink_k is None else torch.cat([self.sink_k, sk], dim=-2)
             self.sink_v = sv if self.sink_v is None else torch.cat([self.sink_v, sv], dim=-2)
         cut = max(0, all_k.shape[-2] - (self.band - 1))  # the next chunk needs the last band - 1 keys
@@ -149,16 +161,19 @@ class _BandLayer(CacheLayerMixin):
         h_kv, d_v = keys.shape[1], values.shape[-1]
         group = h // h_kv
         scale = scaling if scaling is not None else d ** -0.5
-        c0, frame, S = self.start, self.frame, self.sinks
+        c0, frame, band = self.start, self.frame, self.band
         dev = query.device
         q = query[0].float()
         k_t = keys[0].float().transpose(-1, -2) * scale  # [kv heads, D, keys]
         v = values[0].float()
         t = torch.arange(c0, c0 + n_q, device=dev)  # global index of each query
-        n_s = 0 if self.sink_k is None or S == 0 else int(self.sink_k.shape[-2])
+        n_s = 0 if self.sink_k is None else int(self.sink_k.shape[-2])
         if n_s:
-            # The sink scores: each query rotated to its in-cache position min(t, S + W - 1).
-            delta = torch.clamp(t, max=self.budget - 1) - (t - c0 + frame)
+            # Query t sees pin i as a pin once it has left the band (p_i <= t - W); it sits in cache slot
+            # (pins out of the band) + min(t, W - 1): the sink scores take the query rotated there.
+            pins = torch.tensor(self.pins[:n_s], dtype=torch.long, device=dev)
+            out_of_band = torch.searchsorted(pins, t - band, right=True)
+            delta = out_of_band + torch.clamp(t, max=band - 1) - (t - c0 + frame)
             q_s = self._moved(query.float(), delta)[0]
             sink_t = self.sink_k[0].float().transpose(-1, -2) * scale
             sink_v = self.sink_v[0].float()
@@ -171,7 +186,7 @@ class _BandLayer(CacheLayerMixin):
             r1 = min(n_q, r0 + rows)
             c = r1 - r0
             tq = t[r0:r1]
-            lo = max(S, c0 + r0 - self.band + 1, g0)
+            lo = max(c0 + r0 - band + 1, g0)
             hi = c0 + r1  # exclusive
             qb = q[:, r0:r1].reshape(h_kv, group * c, d)
             parts = []
@@ -184,10 +199,13 @@ class _BandLayer(CacheLayerMixin):
             scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
             if softcap is not None:
                 scores = torch.tanh(scores / softcap) * softcap
-            cols = torch.cat([torch.arange(n_s, device=dev), torch.arange(lo, max(lo, hi), device=dev)])
-            band_col = torch.arange(scores.shape[-1], device=dev) >= n_s
-            allowed = cols[None, :] <= tq[:, None]
-            allowed &= ~band_col[None, :] | (cols[None, :] > tq[:, None] - self.band)
+            if n_s:  # a pin, once out of the band (in it, the band has it at its true distance)
+                allowed = torch.cat([pins[None, :] <= tq[:, None] - band,
+                                     (torch.arange(lo, max(lo, hi), device=dev)[None, :] <= tq[:, None])
+                                     & (torch.arange(lo, max(lo, hi), device=dev)[None, :] > tq[:, None] - band)], -1)
+            else:
+                cols = torch.arange(lo, max(lo, hi), device=dev)
+                allowed = (cols[None, :] <= tq[:, None]) & (cols[None, :] > tq[:, None] - band)
             scores = scores.masked_fill(~allowed, _LOW)
             if sink_col is not None:  # gpt-oss: one more outcome of the softmax, attached to no value
                 log_z = torch.logaddexp(torch.logsumexp(scores, -1, keepdim=True), sink_col.expand(h, c, 1))
@@ -216,14 +234,18 @@ class BandCache(Cache):
     """The state of a one-pass evaluation between chunks: per layer the sink keys and the carried tail.
 
     Built from the model (its scheme must serve mode ``onepass``); :func:`onepass_nll` drives it. Global
-    layers keep ``sinks`` sinks and a band of ``window`` keys, local layers their own sliding window, linear
-    attention layers (Qwen3-Next) their recurrent state as transformers keeps it.
+    layers keep ``sinks`` sinks (and the ``pins``, later positions kept once they leave the window) and a band of
+    ``window`` keys, local layers their own sliding window, linear attention layers (Qwen3-Next) their recurrent
+    state as transformers keeps it.
     """
 
-    def __init__(self, model: nn.Module, sinks: int, window: int):
+    def __init__(self, model: nn.Module, sinks: int, window: int, pins: Sequence[int] = ()):
         if not (isinstance(sinks, int) and isinstance(window, int) and sinks >= 0 and window >= 1):
             raise ConfigError(f"one-pass evaluation needs sinks >= 0 and window >= 1 (integers); got sinks={sinks!r}, "
                               f"window={window!r}")
+        if not all(isinstance(p, int | np.integer) and p >= 0 for p in pins):
+            raise ConfigError(f"pinned positions must be whole numbers >= 0, got {list(pins)!r}")
+        kept = sorted(set(range(sinks)) | {int(p) for p in pins})
         scheme = attention_scheme(model)
         scheme.require("onepass", name=scheme.architecture)
         text = text_config(model)
@@ -232,15 +254,15 @@ class BandCache(Cache):
         for ly in scheme.layers:
             rope = ropes.get(ly.index)
             if ly.kind == FULL:
-                layers.append(_BandLayer(ly.index, rope, sinks, window, sinks + window, local=False))
+                layers.append(_BandLayer(ly.index, rope, kept, window, local=False))
             elif ly.kind == SLIDING and ly.window:
-                layers.append(_BandLayer(ly.index, rope, 0, int(ly.window), sinks + window, local=True))
+                layers.append(_BandLayer(ly.index, rope, (), int(ly.window), local=True))
             elif ly.kind == LINEAR:
                 layers.append(LinearAttentionLayer(number_of_states=_linear_states(text, ly.index)))
             else:  # the scheme refuses these
                 raise ConfigError(f"{scheme.architecture}: one pass can't serve layer {ly.index} ({ly.kind})")
         super().__init__(layers=layers)
-        self.sinks, self.window, self.scheme = sinks, window, scheme
+        self.sinks, self.window, self.scheme, self.pins = sinks, window, scheme, tuple(kept[sinks:])
 
     @property
     def band_layers(self) -> list[_BandLayer]:
@@ -308,18 +330,20 @@ def onepass_attention(model: nn.Module, cache: BandCache) -> Iterator[set[int]]:
 
 
 def onepass_nll(model: nn.Module, ids: Sequence[int] | torch.Tensor, sinks: int, window: int, *, chunk: int = 1024,
-                on_forward: Callable[[int], None] | None = None) -> np.ndarray:
+                on_forward: Callable[[int], None] | None = None, pins: Sequence[int] = ()) -> np.ndarray:
     """NLL of every token streamed through ``SinkCache(sinks, window)``, in one pass: ``[T]``, ``nan`` at 0.
 
     Equal to feeding the tokens one by one through :class:`~sinkscope.streaming.SinkCache` (module
-    docstring), in forwards of ``chunk`` tokens. ``on_forward(1)`` after each forward.
+    docstring), in forwards of ``chunk`` tokens. ``on_forward(1)`` after each forward. ``pins``: later
+    positions the cache also keeps once they leave the window (secondary sinks), beside the first ``sinks``:
+    the cache holds the kept tokens in order, each at its rank (module docstring, "Pinned positions").
 
     Raises:
         ConfigError: the model's scheme doesn't serve mode ``onepass`` (the message says what works instead),
             bad sizes, or a chunk that would take positions past the model's range.
     """
     scheme: AttentionScheme = attention_scheme(model)
-    cache = BandCache(model, sinks, window)
+    cache = BandCache(model, sinks, window, pins)
     x = torch.as_tensor(ids if isinstance(ids, torch.Tensor) else list(ids), dtype=torch.long)
     x = x.reshape(-1).to(next(model.parameters()).device)
     n = int(x.shape[0])
