@@ -17,16 +17,18 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
 from dash import Dash, Input, Output, Patch, State, dcc, html, no_update
 
 from sinkscope import plots
+from sinkscope.compare import find_reports
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 from sinkscope.prompts import Prompt, sample_prompts
-from sinkscope.report import mechanism_markdown, recommendation_markdown
+from sinkscope.report import atlas_markdown, mechanism_markdown, recommendation_markdown
 from sinkscope.streaming.evaluate import MIN_TARGETS
 from sinkscope.streaming.memory import format_bytes
 
@@ -40,6 +42,7 @@ from .state import (
     PerplexityJobs,
     StreamRequest,
     Streams,
+    atlas,
     describe,
     describe_perplexity,
     head_detail,
@@ -68,12 +71,15 @@ class Services:
     limits: Limits
     samples: dict[str, Prompt]
     perplexity: PerplexityJobs
+    reports: dict[str, str]  # label -> report directory, for the atlas
 
 
 def create_app(models: dict[str, str | LoadedModel] | None = None, *, limits: Limits | None = None,
-               loader: Callable[[str], LoadedModel] | None = None) -> Dash:
+               loader: Callable[[str], LoadedModel] | None = None,
+               reports: list[str | Path] | None = None) -> Dash:
     """Build the dashboard. ``models``: display name -> model source or loaded model (first = default);
-    ``loader`` turns a source into a model (default: :func:`sinkscope.load_model`).
+    ``loader`` turns a source into a model (default: :func:`sinkscope.load_model`); ``reports``: report
+    directories, or folders of them, offered in the atlas (default: the checkout's ``docs/reports``).
 
     The services (model pool, analyses, streams, perplexity jobs) hang on ``app.sinkscope`` for tests and shutdown.
     """
@@ -84,12 +90,26 @@ def create_app(models: dict[str, str | LoadedModel] | None = None, *, limits: Li
     except SinkscopeError:
         samples = {}
     svc = Services(pool, Analyses(pool, limits), Streams(pool, limits), limits, samples,
-                   PerplexityJobs(pool, limits))
+                   PerplexityJobs(pool, limits), _report_choices(reports))
     app = Dash(__name__, title="sinkscope", update_title=None, suppress_callback_exceptions=False)
     app.layout = lambda: _layout(svc)
     _register(app, svc)
     app.sinkscope = svc  # type: ignore[attr-defined]
     return app
+
+
+def _report_choices(roots: list[str | Path] | None) -> dict[str, str]:
+    """label -> directory of every report under ``roots`` (default: the checkout's docs/reports)."""
+    if roots is None:
+        default = Path(__file__).resolve().parent.parent / "docs" / "reports"
+        roots = [default] if default.is_dir() else []
+    found: dict[str, str] = {}
+    for root in roots:
+        base = Path(root).expanduser()
+        for d in find_reports(base):
+            label = d.relative_to(base).as_posix() if d != base else d.name
+            found[label if label not in found else str(d)] = str(d)
+    return found
 
 
 # ------------------------------------------------------------------------------------------------- layout
@@ -162,6 +182,7 @@ def _layout(svc: Services) -> html.Div:
                 _graph("sink-positions", 360),
                 _graph("activations", 340),
                 html.Div(dcc.Markdown(id="mechanism", children=""), className="card"),
+                _atlas_panel(svc),
             ], className="pane"),
             html.Section([
                 html.H2("Live stream"),
@@ -195,6 +216,24 @@ def _layout(svc: Services) -> html.Div:
             ], className="pane"),
         ], className="panes"),
     ])
+
+
+def _atlas_panel(svc: Services) -> html.Div:
+    """The cross-model atlas (``sinkscope compare``): saved reports side by side, with this page's analysis."""
+    return html.Div([
+        html.H3("Atlas: other models side by side"),
+        html.Div([
+            dcc.Dropdown(id="atlas-reports", options=[{"label": k, "value": v} for k, v in svc.reports.items()],
+                         value=list(svc.reports.values())[:2], multi=True, className="prompt-pick",
+                         placeholder="reports to compare (sinkscope dashboard --reports DIR)"),
+            html.Button("Compare", id="atlas-compare", n_clicks=0),
+        ], className="row"),
+        dcc.Checklist(id="atlas-current", options=[{"label": "with this page's analysis", "value": "on"}],
+                      value=["on"], className="switch"),
+        html.Div(id="atlas-message", className="message", role="alert"),
+        dcc.Markdown(id="atlas-table", children=""),
+        _graph("atlas-layers", 380),
+    ], className="card")
 
 
 def _perplexity_panel() -> html.Div:
@@ -319,6 +358,19 @@ def _register(app: Dash, svc: Services) -> None:
                 {"layer": layer, "head": head},
                 _view_options(views), shown if shown != view else no_update, len(views) < 2,
                 mechanism_markdown(p, level="###"))
+
+    @app.callback(Output("atlas-message", "children"), Output("atlas-table", "children"),
+                  Output("atlas-layers", "figure"), Input("atlas-compare", "n_clicks"),
+                  State("atlas-reports", "value"), State("atlas-current", "value"), State("analysis-job", "data"),
+                  prevent_initial_call=True)
+    def show_atlas(_n: int, paths: list[str] | None, current: list[str] | None, job_id: str | None):
+        job = analyses.get(job_id)
+        profile = job.profile if job is not None and current and "on" in current else None
+        try:
+            entries = atlas(list(paths or []), profile)
+        except DashboardError as exc:
+            return str(exc), "", _placeholder(380)
+        return "", atlas_markdown(entries), plots.atlas_layers(entries)
 
     @app.callback(Output("heatmap", "figure", allow_duplicate=True), Input("heatmap-view", "value"),
                   State("analysis-job", "data"), prevent_initial_call=True)

@@ -24,6 +24,7 @@ from typing import Any
 
 import sinkscope
 from sinkscope.analysis import SinkProfile
+from sinkscope.compare import AtlasEntry, atlas_entry, load_report
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 from sinkscope.streaming import Streamer
@@ -211,6 +212,29 @@ class Analyses:
 
 
 HEATMAP_VIEWS = {"first-token": "first-token mass", "learned-sink": "learned-sink mass"}  # value -> label
+
+
+# ------------------------------------------------------------------------------------------------- atlas
+
+THIS_ANALYSIS = "this page's analysis"
+
+
+def atlas(paths: list[str], current: SinkProfile | None = None) -> list[AtlasEntry]:
+    """The atlas rows of the chosen report directories, and of the page's own analysis when given (first).
+
+    Raises:
+        DashboardError: fewer than two in all, or a report that can't be read (one line each).
+    """
+    entries = [] if current is None else [atlas_entry(current.to_dict(), THIS_ANALYSIS)]
+    for path in dict.fromkeys(paths):
+        try:
+            doc, file = load_report(path)
+        except SinkscopeError as exc:
+            raise DashboardError(str(exc)) from None
+        entries.append(atlas_entry(doc, str(file.parent)))
+    if len(entries) < 2:
+        raise DashboardError("pick two or more reports (or one, with a prompt analysed on this page) to compare")
+    return entries
 
 
 def heatmap_views(profile: SinkProfile) -> list[str]:

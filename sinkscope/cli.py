@@ -313,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest prompt the page analyses (default: 4096)")
     lim.add_argument("--max-streams", type=_positive_int, default=4, metavar="N",
                      help="streams running at once, all pages together (default: 4)")
+    p_db.add_argument("--reports", action="append", metavar="DIR",
+                      help="report directories, or folders of them, offered in the atlas (repeatable; default: the "
+                           "checkout's docs/reports)")
     _add_model_options(p_db)
     p_db.set_defaults(func=cmd_dashboard)
     return parser
@@ -726,6 +729,9 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ConfigError(f"can't listen on {args.host}:{args.port} ({exc.strerror}); pass another --port "
                               "or stop what uses it") from exc
+    for d in args.reports or []:
+        if not Path(d).expanduser().is_dir():
+            raise ConfigError(f"--reports {d}: no such directory")
     names = list(dict.fromkeys(args.model or ["smollm2-135m"]))
     print(f"loading {names[0]} ...", file=sys.stderr, flush=True)
     first = _load(names[0], args)
@@ -735,7 +741,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
                                            max_new_tokens=args.max_new_tokens,
                                            max_analysis_tokens=args.max_analysis_tokens,
                                            max_streams=args.max_streams),
-                     loader=lambda source: _load(source, args, progress=False))
+                     loader=lambda source: _load(source, args, progress=False), reports=args.reports)
     print(f"sinkscope dashboard on http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
     run(app, host=args.host, port=args.port)
     return 0

@@ -100,6 +100,33 @@ def _entry(doc: dict[str, Any], file: Path) -> AtlasEntry:
         bos_change=None if inputs is None else str(inputs.get("verdict")))
 
 
+def find_reports(root: str | Path, depth: int = 2) -> list[Path]:
+    """Report directories under ``root`` (itself included, ``depth`` levels down): each holding a
+    ``report.json`` that :func:`load_report` accepts, sorted by path. Others are skipped, not errors: a folder
+    of reports may hold anything else too."""
+    base = Path(root).expanduser()
+    found: list[Path] = []
+    level = [base] if base.is_dir() else []
+    for _ in range(depth + 1):
+        nxt: list[Path] = []
+        for d in level:
+            if (d / REPORT_FILE).is_file():
+                try:
+                    load_report(d)
+                except ConfigError:
+                    continue
+                found.append(d)
+            nxt += sorted(c for c in d.iterdir() if c.is_dir() and not c.name.startswith("."))
+        level = nxt
+    return sorted(found)
+
+
+def atlas_entry(doc: dict[str, Any], path: str) -> AtlasEntry:
+    """The atlas row of one report's ``report.json`` contents (or of ``SinkProfile.to_dict()``: an analysis
+    not written anywhere), ``path`` naming where it came from."""
+    return _entry(doc, Path(path) / REPORT_FILE)
+
+
 def compare(paths: list[str | Path]) -> list[AtlasEntry]:
     """The atlas rows of two or more reports, in the order given.
 

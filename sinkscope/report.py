@@ -1037,16 +1037,24 @@ def render_stream_eval_html(stream_eval: Any, *, recommendation: Recommendation 
 COMPARE_FILES = {"html": "compare.html", "md": "compare.md", "json": "compare.json"}
 
 
+ATLAS_NOTE = ("Sink rate: heads whose first-token mass exceeds the report's threshold. Recommended cache: the "
+              "report's sink count (and its deploy window). Dormant heads: sink heads that write less than half of "
+              "their layer's median head. Each report's own page has the numbers behind each cell.")
+
+
+def atlas_markdown(entries: list[AtlasEntry]) -> str:
+    """The atlas table in Markdown, one column per model, and what its rows mean (``compare.md``'s body and
+    the dashboard's atlas card)."""
+    rows = [[_md(q), *[_md(c) for c in cells]] for q, cells in atlas_rows(entries)]
+    return "\n".join([_md_table(["", *[_md(e.name) for e in entries]], rows), "", ATLAS_NOTE, ""])
+
+
 def render_compare_markdown(entries: list[AtlasEntry]) -> str:
     """``compare.md``: the atlas table."""
-    rows = [[_md(q), *[_md(c) for c in cells]] for q, cells in atlas_rows(entries)]
     return "\n".join([
         "# Attention sinks across models", "",
         f"sinkscope {__version__} · {len(entries)} reports: " + ", ".join(_md(e.path) for e in entries), "",
-        _md_table(["", *[_md(e.name) for e in entries]], rows), "",
-        "Sink rate: heads whose first-token mass exceeds the report's threshold. Recommended cache: the report's "
-        "sink count (and its deploy window). Dormant heads: sink heads that write less than half of their layer's "
-        "median head. Each report's own page has the numbers behind each cell.", ""])
+        atlas_markdown(entries)])
 
 
 def render_compare_html(entries: list[AtlasEntry], base: str | Path | None = None) -> str:

@@ -126,6 +126,13 @@ def test_page_loads_analysis_renders_and_head_click_updates_the_map(dash_duo, ap
 
     dash_duo.find_element("#scale input[value='log']").click()
     dash_duo.wait_for_contains_text("#head-map .gtitle", "(log)", timeout=10)
+
+    # The atlas: the checkout's first two saved reports beside this page's analysis, one line per model.
+    press(dash_duo, "#atlas-compare")
+    dash_duo.wait_for_contains_text("#atlas-table", "Sink rate: heads whose", timeout=20)
+    header = dash_duo.find_element("#atlas-table table thead").text
+    assert "tiny" in header and len(dash_duo.find_elements("#atlas-table table thead th")) == 4  # label + 3
+    wait_until(lambda: len(dash_duo.find_elements("#atlas-layers .scatterlayer .trace")) == 3, what="the atlas lines")
     assert dash_duo.get_logs() == [], dash_duo.get_logs()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from test_cli import assert_one_line_error
@@ -411,3 +412,41 @@ def test_perplexity_panel_callbacks(tiny_llama):
         assert "gone from the server" in poll(3, "unknown")[0].children
     finally:
         app.sinkscope.streams.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------------- atlas
+
+REPORTS = Path(__file__).resolve().parent.parent / "docs" / "reports"
+
+
+def test_atlas_offers_the_saved_reports_and_adds_this_pages_analysis(tiny_llama, tmp_path):
+    """The checkout's docs/reports by default; the atlas callback against sinkscope.compare on the same
+    report.json files; refusals in the panel, one line."""
+    import json
+
+    from dashboard.state import THIS_ANALYSIS, atlas
+    from sinkscope.compare import find_reports
+
+    found = find_reports(REPORTS)
+    assert REPORTS / "smollm2-135m" in found and REPORTS / "gemma3-270m" in found
+    assert REPORTS / "gpu" not in found and REPORTS / "compare" not in found  # folders without a report.json
+    app = create_app({"tiny": tiny_llama})
+    try:
+        assert app.sinkscope.reports["smollm2-135m"] == str(REPORTS / "smollm2-135m")
+        show = _callback(app, "show_atlas")
+        paths = [str(REPORTS / "smollm2-135m"), str(REPORTS / "gemma3-270m")]
+        message, table, fig = show(1, paths, [], None)
+        assert message == "" and [t.name for t in fig.data] == ["smollm2-135m", "gemma3-270m"]
+        doc = json.loads((REPORTS / "smollm2-135m" / "report.json").read_text())
+        assert f"{doc['sink_rate']:.1%}" in table and "Sink rate: heads whose" in table
+        job = _done_job(app.sinkscope.analyses)
+        message, table, fig = show(2, paths[:1], ["on"], job.id)
+        assert message == "" and len(fig.data) == 2 and fig.data[0].name == job.profile.model.name
+        assert list(fig.data[0].y) == pytest.approx(job.profile.first_token_mass.mean(axis=1).tolist(), abs=1e-6)
+        for bad, why in (([], "pick two or more"), ([str(tmp_path)], "no report.json in")):
+            message, table, _ = show(3, bad, [], None)
+            assert why in message and "\n" not in message and table == ""
+    finally:
+        app.sinkscope.streams.shutdown()
+    assert atlas(paths[:1], job.profile)[0].path == THIS_ANALYSIS
+    assert create_app({"tiny": tiny_llama}, reports=[tmp_path]).sinkscope.reports == {}
