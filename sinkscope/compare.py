@@ -2,7 +2,8 @@
 
 It reads what ``sinkscope report`` wrote (``report.json``), never a model: each model's sink rate, recommended
 cache and how it was decided, sink strength by relative depth, learned-sink mass, the first layer with a massive
-activation, the share of dormant heads, and what dropping the BOS token does. Parts that a report does not
+activation, the share of dormant heads, the sink margin, what dropping the BOS token does and whether pinning
+secondary sinks pays. Parts that a report does not
 hold (an older report, a model without them) show as "not in this report", never as a number.
 """
 
@@ -44,6 +45,8 @@ class AtlasEntry:
     dormant_share: float | None  # dormant heads / heads (None: not in this report)
     dormant_count: int | None
     bos_change: str | None  # the input-sensitivity verdict (None: not in this report)
+    sink_margin: float | None = None  # mean over sink heads of the sink margin, logits (None: not in this report)
+    pinning: str | None = None  # the pinning verdict, or why it did not run (None: not in this report)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -86,6 +89,15 @@ def _entry(doc: dict[str, Any], file: Path) -> AtlasEntry:
     inputs = doc.get("inputs") if isinstance(doc.get("inputs"), dict) else None
     deploy = doc.get("deploy") if isinstance(doc.get("deploy"), dict) else None
     evidence = rec.get("evidence") or {}
+    geo = doc.get("key_geometry") if isinstance(doc.get("key_geometry"), dict) else {}
+    margin = None
+    if geo.get("sink_margin") is not None:
+        m = np.asarray(geo["sink_margin"], dtype=float)  # null (undefined) entries become nan
+        sink = ftm > float((doc.get("settings") or {}).get("threshold", 0.3))
+        keep = sink & np.isfinite(m) if m.shape == ftm.shape else np.zeros_like(ftm, dtype=bool)
+        margin = float(m[keep].mean()) if keep.any() else None
+    pin = doc.get("pinning") if isinstance(doc.get("pinning"), dict) else None
+    pinning = None if pin is None else str(pin.get("verdict") or f"not tested: {pin.get('unavailable')}")
     return AtlasEntry(
         name=str(model.get("name")), path=str(file.parent), architecture=str(model.get("architecture")),
         layers=int(model.get("n_layers") or ftm.shape[0]), heads=int(model.get("n_heads") or ftm.shape[1]),
@@ -97,7 +109,7 @@ def _entry(doc: dict[str, Any], file: Path) -> AtlasEntry:
         learned_sink_mass=None if lsm is None else float(np.mean(lsm)),
         first_massive_layer=first_massive, massive_known=bool(acts),
         dormant_share=None if dormant is None else dormant / ftm.size, dormant_count=dormant,
-        bos_change=None if inputs is None else str(inputs.get("verdict")))
+        bos_change=None if inputs is None else str(inputs.get("verdict")), sink_margin=margin, pinning=pinning)
 
 
 def find_reports(root: str | Path, depth: int = 2) -> list[Path]:
@@ -177,5 +189,7 @@ def atlas_rows(entries: list[AtlasEntry]) -> list[tuple[str, list[str]]]:
                                       else f"{e.learned_sink_mass:.3f}" for e in entries]),
         ("first massive activation", [massive(e) for e in entries]),
         ("dormant heads", [dormant(e) for e in entries]),
+        ("sink margin in sink heads (logits)", [_or_missing(e.sink_margin, "{:.2f}") for e in entries]),
         ("BOS and chat template", [_or_missing(e.bos_change) for e in entries]),
+        ("pinning secondary sinks", [_or_missing(e.pinning) for e in entries]),
     ]

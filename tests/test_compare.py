@@ -46,6 +46,10 @@ def test_rows_match_the_profiles(reports):
     assert rows["BOS and chat template"][0].startswith("the input's form matters")
     assert rows["BOS and chat template"][1] == "not in this report"
     assert rows["learned-sink mass (mean)"] == ["no learned sinks"] * 2
+    sink = profiles["sink"].first_token_mass > profiles["sink"].threshold
+    assert entries[0].sink_margin == pytest.approx(profiles["sink"].geometry("sink_margin")[sink].mean(), abs=1e-5)
+    assert rows["sink margin in sink heads (logits)"][0] == f"{entries[0].sink_margin:.2f}"
+    assert rows["pinning secondary sinks"] == ["not in this report"] * 2  # report --pins sets it; analyze doesn't
 
 
 def test_an_older_report_shows_what_it_lacks(reports, tmp_path):
@@ -56,7 +60,8 @@ def test_an_older_report_shows_what_it_lacks(reports, tmp_path):
     (tmp_path / "old").mkdir()
     (tmp_path / "old" / "report.json").write_text(json.dumps(doc))
     rows = dict(atlas_rows(compare([tmp_path / "old", root / "gemma"])))
-    for q in ("first massive activation", "dormant heads", "BOS and chat template"):
+    for q in ("first massive activation", "dormant heads", "BOS and chat template",
+              "sink margin in sink heads (logits)"):
         assert rows[q][0] == "not in this report"
     cache = rows["recommended cache"][0]
     assert cache.endswith("(attention estimate)") and "window" not in cache
