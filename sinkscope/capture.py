@@ -47,9 +47,10 @@ from .metrics import (
     KeyGeometry,
     LayerActivations,
     LayerStats,
+    activations_on_host,
     head_outputs,
     key_geometry,
-    layer_activations,
+    layer_activation_parts,
 )
 from .scheme import attention_modules, attention_scheme, check_layer_count, decoder_layers, head_projections
 
@@ -203,8 +204,9 @@ class ActivationCapture:
 @contextmanager
 def capture_activations(model: nn.Module) -> Iterator[ActivationCapture]:
     """Summarise each decoder layer's output (the residual stream) during a forward pass in the block: token
-    norms and the largest activations (:func:`sinkscope.metrics.layer_activations`), reduced as soon as the
-    layer has run. Combines with :func:`capture` and :func:`capture_stats` in the same forward; one sequence.
+    norms and the largest activations (:func:`sinkscope.metrics.layer_activations`), reduced on the device as
+    soon as the layer has run and brought to the host when the block ends (no wait for the GPU per layer).
+    Combines with :func:`capture` and :func:`capture_stats` in the same forward; one sequence.
 
     Example::
 
@@ -214,6 +216,7 @@ def capture_activations(model: nn.Module) -> Iterator[ActivationCapture]:
     """
     layers = decoder_layers(model)
     cap = ActivationCapture()
+    pending: dict[int, tuple[torch.Tensor, ...]] = {}
 
     def make_hook(idx: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: Any, output: Any) -> None:
@@ -224,11 +227,11 @@ def capture_activations(model: nn.Module) -> Iterator[ActivationCapture]:
                 shape = tuple(hidden.shape) if isinstance(hidden, torch.Tensor) else type(hidden).__name__
                 cap.unavailable = (f"its decoder layers return {shape}, not one residual stream [batch, T, hidden] "
                                    "(several streams, as Gemma-3n's AltUp keeps?)")
-                cap.layers.clear()
+                pending.clear()
                 return
             if hidden.shape[0] != 1:
                 raise CaptureError(f"activation capture takes one sequence per forward pass, got {hidden.shape[0]}")
-            cap.layers[idx] = layer_activations(hidden[0])
+            pending[idx] = layer_activation_parts(hidden[0])
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
@@ -237,6 +240,8 @@ def capture_activations(model: nn.Module) -> Iterator[ActivationCapture]:
     finally:
         for h in handles:
             h.remove()
+    if not cap.unavailable:
+        cap.layers.update({i: activations_on_host(parts) for i, parts in sorted(pending.items())})
     if cap.layers and not cap.unavailable and len(cap.layers) != len(layers):
         missing = sorted(set(range(len(layers))) - set(cap.layers))
         raise CaptureError(f"decoder layers {missing[:5]} did not run during the forward pass")

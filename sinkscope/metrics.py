@@ -251,6 +251,19 @@ class LayerActivations:
 def layer_activations(hidden: torch.Tensor, top: int = TOP_ACTIVATIONS) -> LayerActivations:
     """Summarise one layer's hidden states ``[T, D]`` (any float dtype; computed in float32, in blocks of
     tokens so that no float32 copy of the whole layer is made)."""
+    return activations_on_host(layer_activation_parts(hidden, top))
+
+
+def activations_on_host(parts: tuple[torch.Tensor, ...]) -> LayerActivations:
+    """:class:`LayerActivations` from :func:`layer_activation_parts` (the copy to the host, so a sync on a GPU)."""
+    norms, median, top_values, top_tokens, top_dims = (x.cpu() for x in parts)
+    return LayerActivations(norms=norms.numpy(), median=float(median), top_values=top_values.numpy(),
+                            top_tokens=top_tokens.numpy(), top_dims=top_dims.numpy())
+
+
+def layer_activation_parts(hidden: torch.Tensor, top: int = TOP_ACTIVATIONS) -> tuple[torch.Tensor, ...]:
+    """What :func:`layer_activations` summarises, still on the hidden states' device (norms, median, top
+    values, their tokens and dimensions): a forward hook can keep it without waiting for the GPU."""
     if hidden.dim() != 2 or hidden.shape[0] < 1:
         raise ValueError(f"expected hidden states [T, D], got shape {tuple(hidden.shape)}")
     h = hidden.detach()
@@ -270,8 +283,7 @@ def layer_activations(hidden: torch.Tensor, top: int = TOP_ACTIVATIONS) -> Layer
     flat_all = h.reshape(-1)
     step = max(1, math.ceil(flat_all.numel() / MEDIAN_SAMPLE))
     median = flat_all[::step].float().abs().median()
-    return LayerActivations(norms=norms.cpu().numpy(), median=float(median), top_values=cand[best].cpu().numpy(),
-                            top_tokens=(at[best] // d).cpu().numpy(), top_dims=(at[best] % d).cpu().numpy())
+    return norms, median, cand[best], at[best] // d, at[best] % d
 
 
 @dataclass
