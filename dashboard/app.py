@@ -32,6 +32,7 @@ from sinkscope.report import atlas_markdown, mechanism_markdown, recommendation_
 from sinkscope.streaming.evaluate import MIN_TARGETS
 from sinkscope.streaming.memory import format_bytes
 
+from .serve import serve
 from .state import (
     HEATMAP_VIEWS,
     PPL_SINKS,
@@ -556,12 +557,12 @@ def _status(info: dict[str, Any]) -> list[Any]:
     return parts
 
 
-def run(app: Dash, host: str = "127.0.0.1", port: int = 8050) -> None:
-    """Serve ``app`` (no debug mode, threaded) until interrupted; stops every stream on the way out."""
-    try:
-        app.run(host=host, port=port, debug=False, threaded=True)
-    finally:
-        app.sinkscope.streams.shutdown()  # type: ignore[attr-defined]
+def run(app: Dash, host: str = "127.0.0.1", port: int = 8050, *, debug: bool = False,
+        ready: Callable[[Callable[[], None]], None] | None = None) -> None:
+    """Serve ``app`` with waitress until SIGINT or SIGTERM (``debug``: Flask's debug server), then stop every
+    stream and wait for running jobs (:func:`dashboard.serve.serve`)."""
+    limits = app.sinkscope.limits  # type: ignore[attr-defined]
+    serve(app, host, port, max_streams=limits.max_streams, debug=debug, ready=ready)
 
 
 __all__ = ["Limits", "create_app", "run"]

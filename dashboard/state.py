@@ -168,16 +168,43 @@ class AnalysisJob(_Timed):
     error: str | None = None
 
 
-class Analyses:
+class _Background:
+    """Threads of bounded jobs that a server shutdown waits for, and refuses new ones meanwhile."""
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._closing = False
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise DashboardError("the server is shutting down")
+
+    def _launch(self, target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
+        self._threads = [t for t in self._threads if t.is_alive()]
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Refuse new jobs and wait up to ``timeout`` seconds in all for the running ones."""
+        self._closing = True
+        end = time.monotonic() + timeout
+        for t in list(self._threads):
+            t.join(max(0.0, end - time.monotonic()))
+
+
+class Analyses(_Background):
     """Analysis jobs by id; the last ``keep`` are kept so that head clicks can re-plot from the profile."""
 
     def __init__(self, pool: ModelPool, limits: Limits, keep: int = 16):
+        super().__init__()
         self.pool, self.limits, self.keep = pool, limits, keep
         self._jobs: OrderedDict[str, AnalysisJob] = OrderedDict()
         self._lock = threading.Lock()
 
     def start(self, model: str, prompt: sinkscope.Prompt) -> AnalysisJob:
         """Check the request, then analyse in a thread; returns the job at once."""
+        self._check_open()
         if not prompt.text.strip():
             raise DashboardError("the prompt is empty: type a text or pick a sample prompt")
         job = AnalysisJob(id=uuid.uuid4().hex, model=model, prompt_name=prompt.name)
@@ -185,7 +212,7 @@ class Analyses:
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
                 self._jobs.popitem(last=False)
-        threading.Thread(target=self._run, args=(job, prompt), name=f"analysis-{job.id[:8]}", daemon=True).start()
+        self._launch(self._run, (job, prompt), f"analysis-{job.id[:8]}")
         return job
 
     def get(self, job_id: str | None) -> AnalysisJob | None:
@@ -299,7 +326,7 @@ class PerplexityJob(_Timed):
     error: str | None = None
 
 
-class PerplexityJobs:
+class PerplexityJobs(_Background):
     """Perplexity-by-sinks jobs by id (the last ``keep``), at most one running per browser session.
 
     Each job evaluates the text with :data:`PPL_SINKS` sinks at the stream's window, streaming and dense, through
@@ -308,12 +335,14 @@ class PerplexityJobs:
     """
 
     def __init__(self, pool: ModelPool, limits: Limits, keep: int = 16):
+        super().__init__()
         self.pool, self.limits, self.keep = pool, limits, keep
         self._jobs: OrderedDict[str, PerplexityJob] = OrderedDict()
         self._lock = threading.Lock()
 
     def start(self, session: str, model: str, text: str, window: int) -> PerplexityJob:
         """Check the request, then evaluate in a thread; returns the job at once."""
+        self._check_open()
         if not text.strip():
             raise DashboardError("the stream's text is empty: type a text to evaluate")
         if not 1 <= window <= self.limits.max_window:
@@ -325,7 +354,7 @@ class PerplexityJobs:
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
                 self._jobs.popitem(last=False)
-        threading.Thread(target=self._run, args=(job, text), name=f"ppl-{job.id[:8]}", daemon=True).start()
+        self._launch(self._run, (job, text), f"ppl-{job.id[:8]}")
         return job
 
     def get(self, job_id: str | None) -> PerplexityJob | None:

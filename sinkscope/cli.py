@@ -316,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_db.add_argument("--reports", action="append", metavar="DIR",
                       help="report directories, or folders of them, offered in the atlas (repeatable; default: the "
                            "checkout's docs/reports)")
+    p_db.add_argument("--debug", action="store_true",
+                      help="Flask's development server with Dash's debug tools, for working on the dashboard itself "
+                           "(default: the waitress server)")
     _add_model_options(p_db)
     p_db.set_defaults(func=cmd_dashboard)
     return parser
@@ -720,6 +723,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     try:
         from dashboard import Limits, create_app, run
+        from dashboard.serve import exposure_warning
     except ImportError as exc:
         raise ConfigError(f"the dashboard package is not importable ({exc}); install sinkscope from its "
                           "checkout (make setup)") from exc
@@ -742,8 +746,14 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
                                            max_analysis_tokens=args.max_analysis_tokens,
                                            max_streams=args.max_streams),
                      loader=lambda source: _load(source, args, progress=False), reports=args.reports)
+    warning = exposure_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
+    if args.debug:
+        print("note: --debug: Flask's development server with Dash's debug tools; not for sharing", file=sys.stderr)
     print(f"sinkscope dashboard on http://{args.host}:{args.port}/  (Ctrl-C to stop)", flush=True)
-    run(app, host=args.host, port=args.port)
+    run(app, host=args.host, port=args.port, debug=args.debug)
+    print("sinkscope dashboard stopped: streams ended, background jobs finished", file=sys.stderr, flush=True)
     return 0
 
 

@@ -153,8 +153,10 @@ def test_model_lock_serves_waiters_in_order():
     assert got[0] < 0.5
 
 
-def test_cli_serves_the_dashboard_until_interrupted(llama_dir):
-    """`sinkscope dashboard` on a model directory: prints its URL, serves the page, stops on SIGINT."""
+@pytest.mark.parametrize("stop_signal", ["INT", "TERM"])
+def test_cli_serves_the_dashboard_until_interrupted(llama_dir, stop_signal):
+    """`sinkscope dashboard` on a model directory: prints its URL, serves the page (waitress, not Flask's
+    development server), stops on SIGINT (Ctrl-C) and on SIGTERM (a service manager) and says so."""
     import os
     import signal
     import subprocess
@@ -167,6 +169,7 @@ def test_cli_serves_the_dashboard_until_interrupted(llama_dir):
     proc = subprocess.Popen([sys.executable, "-m", "sinkscope", "dashboard", "--model", str(llama_dir), "--port",
                              str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    sig = signal.SIGTERM if stop_signal == "TERM" else signal.SIGINT
     try:
         line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}/" in line, line + proc.stderr.read()
@@ -180,12 +183,55 @@ def test_cli_serves_the_dashboard_until_interrupted(llama_dir):
         else:
             raise AssertionError("the dashboard did not answer")
     finally:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         try:
-            proc.wait(timeout=20)
+            proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    assert "Traceback" not in proc.stderr.read()
+    err = proc.stderr.read()
+    assert proc.returncode == 0 and "Traceback" not in err, err
+    assert "development server" not in err and "dashboard stopped" in err
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_waitress_serves_and_a_stop_ends_streams_and_jobs(tiny_llama):
+    """The production server (waitress, not Flask's): pages served; stopping it ends every stream with the reason
+    and lets a running analysis finish; new jobs are refused while it shuts down."""
+    import threading
+    import urllib.request
+
+    from dashboard import run
+    from dashboard.serve import exposure_warning, server_settings
+
+    app = create_app({"tiny": tiny_llama}, limits=Limits(max_streams=3, max_prompt_tokens=600, max_new_tokens=100_000))
+    port, got = _free_port(), {}
+    ready = threading.Event()
+    server = threading.Thread(target=run, args=(app, "127.0.0.1", port),
+                              kwargs={"ready": lambda stop: (got.setdefault("stop", stop), ready.set())})
+    server.start()
+    assert ready.wait(10)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as page:
+        assert page.status == 200 and page.headers["Server"] == "sinkscope" and "sinkscope" in page.read().decode()
+    svc = app.sinkscope
+    stream = svc.streams.start("a", request(max_new_tokens=100_000))
+    job = svc.analyses.start("tiny", Prompt("p", TEXT))
+    wait(lambda: stream.tokens)
+    got["stop"]()
+    server.join(30)
+    assert not server.is_alive()
+    assert stream.state == "stopped" and stream.stop_reason == "the server is shutting down"
+    assert job.done and (job.profile is not None or job.error)
+    with pytest.raises(DashboardError, match="shutting down"):
+        svc.analyses.start("tiny", Prompt("p", TEXT))
+    with pytest.raises(OSError):  # nothing listens any more
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+    assert server_settings(3).threads == 12 and server_settings(1).threads == 8
+    assert exposure_warning("127.0.0.1") is None and "no authentication" in exposure_warning("0.0.0.0")
 
 
 # ------------------------------------------------------------------------------- learned sinks (gpt-oss)
