@@ -317,12 +317,16 @@ def _register(app: Dash, svc: Services) -> None:
     @app.callback(Output("analysis-job", "data"), Output("analysis-poll", "disabled"),
                   Output("analysis-status", "children"),
                   Input("analyze", "n_clicks"), State("model", "value"), State("prompt-choice", "value"),
-                  State("prompt-text", "value"), prevent_initial_call=True)
-    def start_analysis(_n: int, model: str, choice: str, text: str | None):
+                  State("prompt-text", "value"))
+    def start_analysis(n: int, model: str, choice: str, text: str | None):
+        # Also on page load (n = 0): the default prompt, so that the page opens on a result, not empty axes; a
+        # finished analysis of the same model and text is shared, so that opening tabs costs nothing more.
         sample = svc.samples.get(choice)
         name = choice if sample is not None and sample.text == text else "typed prompt"
+        if not n and not (text or "").strip():
+            return no_update, True, ""
         try:
-            job = analyses.start(model, Prompt(name, text or ""))
+            job = analyses.start(model, Prompt(name, text or ""), reuse=True)
         except DashboardError as exc:
             return no_update, True, html.Span(str(exc), className="error")
         return job.id, False, f"analysing {name} on {model}..."

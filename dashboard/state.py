@@ -162,6 +162,7 @@ class AnalysisJob(_Timed):
     id: str
     model: str
     prompt_name: str
+    text: str = ""
     started: float = field(default_factory=time.monotonic)
     finished: float | None = None
     profile: SinkProfile | None = None
@@ -202,13 +203,20 @@ class Analyses(_Background):
         self._jobs: OrderedDict[str, AnalysisJob] = OrderedDict()
         self._lock = threading.Lock()
 
-    def start(self, model: str, prompt: sinkscope.Prompt) -> AnalysisJob:
-        """Check the request, then analyse in a thread; returns the job at once."""
+    def start(self, model: str, prompt: sinkscope.Prompt, *, reuse: bool = False) -> AnalysisJob:
+        """Check the request, then analyse in a thread; returns the job at once. ``reuse``: a kept job of the same
+        model and text that is running or succeeded is returned instead (analysis is deterministic)."""
         self._check_open()
         if not prompt.text.strip():
             raise DashboardError("the prompt is empty: type a text or pick a sample prompt")
-        job = AnalysisJob(id=uuid.uuid4().hex, model=model, prompt_name=prompt.name)
+        job = AnalysisJob(id=uuid.uuid4().hex, model=model, prompt_name=prompt.name, text=prompt.text)
         with self._lock:
+            if reuse:
+                same = next((j for j in reversed(self._jobs.values()) if j.model == model and j.text == prompt.text
+                             and j.prompt_name == prompt.name and not j.error), None)
+                if same is not None:
+                    self._jobs.move_to_end(same.id)
+                    return same
             self._jobs[job.id] = job
             while len(self._jobs) > self.keep:
                 self._jobs.popitem(last=False)

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import _native, metrics
+from . import _native, _progress, metrics
 from .capture import (
     CPU_BLOCK_BYTES,
     capture,
@@ -775,13 +775,11 @@ def analyze(model: LoadedModel | str | Any, prompts: str | Prompt | Sequence[str
         _check_memory(spec, int(ids.shape[1]), device, m, stats_ok=not unsupported, k_max=k_max,
                       map_size=map_size)
 
-    from tqdm.auto import tqdm
-
     n_stats = modes.count("stats")
     desc = f"analyzing {spec.name}" + (f" ({n_stats} long prompt{'s' * (n_stats > 1)} in statistics mode)"
                                        if n_stats else "")
     total = sum(len(layer_list) for _ in encoded)
-    with tqdm(total=total, desc=desc, unit="layer", disable=not progress, leave=False) as bar:
+    with _progress.progress(total, desc, "layer", enabled=progress) as bar:
         results = [_analyze_one(lm, p, ids, k_max, layer_list, map_size, bar, m)
                    for p, ids, m in zip(items, encoded, modes, strict=True)]
     ftm = np.mean([r.first_token_mass for r in results], axis=0)

@@ -448,7 +448,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         _pin(profile, lm, prompts)
     paths = write_report(profile, out)
     rec = profile.recommendation
-    print(f"{lm.spec.name}: {len(profile.prompts)} prompts, "
+    print(f"{lm.spec.name}: {len(profile.prompts)} prompt{'s' * (len(profile.prompts) != 1)}, "
           f"{sum(p.n_tokens for p in profile.prompts)} tokens; sink rate {profile.sink_rate:.1%}")
     _print_capture_notes(profile)
     for h in profile.sink_heads()[:3]:

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ._progress import is_terminal
 from .errors import CaptureError, ConfigError, ModelLoadError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
@@ -222,16 +223,16 @@ def load(source: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str = "floa
     if dtype not in DTYPES:
         raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
     _check_device(torch, device)
+    if not progress or not is_terminal():  # transformers' bars are carriage returns: noise in a log file
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     name, directory, hub_id = _resolve(source, progress=progress)
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = directory if directory is not None else hub_id
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
-    if not progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     try:
         tokenizer = AutoTokenizer.from_pretrained(target, **kwargs)
         model_kwargs = {**kwargs, **_load_kwargs(target, kwargs)}

@@ -212,10 +212,12 @@ def sink_mass_curves(profile: SinkProfile) -> go.Figure:
                       annotation=dict(text=text, font=dict(color=SINK_COLOR, size=11)),
                       annotation_position="bottom right")
     what = "attention estimate" if validated is not rec else "recommended"
+    same = validated is not rec and validated.sinks == rec.sinks  # one label for both lines: two would overlap
     if 1 <= rec.sinks <= k_max:
+        label = (f"{rec.sinks} sink{'s' if rec.sinks != 1 else ''}: attention estimate, validated by streaming"
+                 if same else f"{what}: {rec.sinks} sink{'s' if rec.sinks != 1 else ''}")
         fig.add_vline(x=rec.sinks, line=dict(dash="dash", color="#333", width=2),
-                      annotation=dict(text=f"{what}: {rec.sinks} sink{'s' if rec.sinks != 1 else ''}",
-                                      font=dict(size=12)), annotation_position="top right")
+                      annotation=dict(text=label, font=dict(size=12)), annotation_position="top right")
     else:
         fig.add_annotation(text=f"{what}: {rec.sinks} sinks", xref="paper", yref="paper", x=0.02, y=0.98,
                            showarrow=False, font=dict(size=12))
@@ -223,13 +225,14 @@ def sink_mass_curves(profile: SinkProfile) -> go.Figure:
         text = f"validated by streaming: {validated.sinks} sink{'s' if validated.sinks != 1 else ''}"
         if 1 <= validated.sinks <= k_max:
             fig.add_vline(x=validated.sinks, line=dict(dash="solid", color=STREAM_COLOR, width=2),
-                          annotation=dict(text=text, font=dict(size=12, color=STREAM_COLOR)),
-                          annotation_position="bottom right" if validated.sinks != rec.sinks else "top left")
+                          annotation=None if same else dict(text=text, font=dict(size=12, color=STREAM_COLOR)),
+                          annotation_position="bottom right")
         else:
             fig.add_annotation(text=text, xref="paper", yref="paper", x=0.02, y=0.9, showarrow=False,
                                font=dict(size=12, color=STREAM_COLOR))
-    _layout(fig, "Mass on the first k tokens", 430,
-            legend=dict(orientation="h", x=0, y=1.02, yanchor="bottom"))
+    # The legend below the axis: above the plot it sat on the title and the vertical lines' labels.
+    _layout(fig, "Mass on the first k tokens", 470, legend=dict(orientation="h", x=0, y=-0.2, yanchor="top"),
+            margin=dict(l=70, r=30, t=60, b=110))
     fig.update_xaxes(title_text="k (number of leading tokens)", tickmode="array", tickvals=ks, range=[0.7, k_max + 0.3])
     fig.update_yaxes(title_text="attention mass on tokens 0..k-1", range=[0, 1.02], tickformat=".0%")
     return fig

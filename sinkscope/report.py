@@ -266,7 +266,7 @@ code { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; fo
 .card h2 { font-size: 18px; margin: 0 0 6px; }
 .card h3 { font-size: 15px; margin: 14px 0 6px; }
 .note { color: var(--muted); margin: 0 0 8px; font-size: 14px; }
-.summary { display: grid; grid-template-columns: minmax(380px, 1.45fr) minmax(240px, 1fr) minmax(240px, 1fr);
+.summary { display: grid; grid-template-columns: minmax(420px, 1.8fr) minmax(220px, 1fr) minmax(220px, 1fr);
   gap: 18px; }
 .summary .card { margin: 0; }
 .rec .big { font-size: 60px; font-weight: 700; line-height: 1.05; color: var(--accent); }
@@ -281,6 +281,10 @@ th { color: var(--muted); font-weight: 600; }
 table.numeric td:not(:first-child), table.numeric th:not(:first-child) { text-align: right; }
 tr.hl td { background: #fdeaea; font-weight: 600; }
 table.kv td:first-child { color: var(--muted); white-space: nowrap; width: 1%; }
+table.kv td { overflow-wrap: anywhere; }
+.rec table.kv td:first-child { white-space: normal; width: 45%; }  /* long labels wrap inside the card */
+.rec table.curve { font-size: 12px; }
+.rec table.curve td, .rec table.curve th { padding: 3px 4px; }
 .scroll { overflow-x: auto; }
 table.curve { font-size: 13px; }
 table.curve td, table.curve th { text-align: right; padding: 3px 5px; }
@@ -295,6 +299,89 @@ footer { color: var(--muted); font-size: 13px; margin-top: 26px; text-align: cen
 
 def _fig_html(fig: go.Figure, div_id: str) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, config=_PLOTLY_CONFIG, div_id=div_id)
+
+
+def _float(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _plural(n: Any, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def attention_sentences(rec: Recommendation) -> str:
+    """How the attention statistics chose ``rec.sinks``, in sentences (the card, report.md, report.html)."""
+    ev = rec.evidence
+    if rec.sinks == 0 and ev.get("note"):
+        return f"{str(ev['note'])[:1].upper()}{str(ev['note'])[1:]}."
+    curve, excess = ev.get("curve"), ev.get("excess_curve")
+    k_max, used, total = ev.get("k_max"), ev.get("heads_used"), ev.get("heads_total")
+    spread = "sink_mass" in str(ev.get("heads_basis", ""))
+    which = (f"whose first {k_max} tokens hold more than {ev.get('threshold'):g} of their attention (no head passes "
+             "it on the first token alone)") if spread else f"with first-token mass above {ev.get('threshold'):g}"
+    out = [f"In the {used} heads of {total} {which}"]
+    if isinstance(curve, list) and curve and isinstance(excess, list) and excess:
+        out[0] += (f", the first {k_max} tokens hold {curve[-1]:.3f} of the attention, {excess[-1]:.3f} of it above "
+                   f"chance (what uniform attention gives a token: {ev.get('chance', 0):.3f}).")
+        mass = _float(ev.get("mass_at_recommended"))
+        if mass is not None:
+            first = "The first token keeps" if rec.sinks == 1 else f"The first {rec.sinks} tokens keep"
+            out.append(f"{first} {mass:.3f}: at least {ev.get('share', 0):.0%} of that above-chance mass, so more "
+                       "sinks add little.")
+    else:
+        out[0] += "."
+    if ev.get("learned_sink_note"):
+        note = str(ev["learned_sink_note"])
+        out.append(f"{note[:1].upper()}{note[1:]}.")
+    return " ".join(out)
+
+
+def stream_sentences(rec: Recommendation) -> str:
+    """How streaming validated ``rec.sinks``, in sentences (empty when it was not validated)."""
+    ev = rec.evidence
+    if "tolerance" not in ev:
+        return ""
+    at = next((r.get("ppl") for r in _ppl_rows(rec) if r.get("sinks") == rec.sinks), None)
+    out = [f"Streamed through SinkCache with a window of {ev.get('window')} ({ev.get('n_targets')} scored tokens of "
+           f"{ev.get('text')}), {_plural(rec.sinks, 'sink')} is the smallest count whose perplexity ({_ppl(at)}) is "
+           f"within {ev['tolerance']:.0%} of the best ({_ppl(ev.get('best_ppl'))}, with {ev.get('best_sinks')})."]
+    if _float(ev.get("dense_ppl")) is not None:
+        out.append(f"Dense attention (a full cache) scores {_ppl(ev.get('dense_ppl'))}.")
+    cheap = ev.get("cheapest_cache")
+    if isinstance(cheap, dict):
+        out.append(f"The smallest cache within {ev['tolerance']:.0%} of dense over the windows tried: "
+                   f"{cheap.get('sinks')} sinks + a window of {cheap.get('window')} ({_ppl(cheap.get('ppl'))}).")
+    if "agrees_with_attention_estimate" in ev:
+        est = attention_estimate(rec)
+        out.append("The attention statistics alone give the same count." if ev["agrees_with_attention_estimate"]
+                   else f"The attention statistics alone estimated {est.sinks}.")
+    return " ".join(out)
+
+
+def evidence_rows(rec: Recommendation) -> list[tuple[str, str]]:
+    """The recommendation's evidence as a small table of labelled quantities (no raw dictionary)."""
+    ev, est = rec.evidence, attention_estimate(rec)
+    rows: list[tuple[str, str]] = []
+    if "tolerance" in ev:
+        rows += [("text", f"{ev.get('text')} ({ev.get('tokens')} tokens, {ev.get('n_targets')} scored)"),
+                 ("window", str(ev.get("window"))), ("streamed", str(ev.get("streamed") or "token by token"))]
+        for label, key in (("dense (full cache)", "dense_ppl"), ("sliding window + recompute", "recompute_ppl")):
+            if _float(ev.get(key)) is not None:
+                rows.append((label, _ppl(ev.get(key))))
+    e = est.evidence
+    if e.get("heads_used") is not None:
+        rows.append(("heads used", f"{e.get('heads_used')} of {e.get('heads_total')}"))
+    if _float(e.get("chance")) is not None:
+        rows.append(("chance mass per token", f"{e['chance']:.4f}"))
+    if _float(e.get("target")) is not None:
+        rows.append((f"target ({e.get('share', 0):.0%} of the above-chance mass)", f"{e['target']:.3f}"))
+    if _float(e.get("learned_sink_mass_mean")) is not None:
+        rows.append(("learned-sink mass (mean over heads)", f"{e['learned_sink_mass_mean']:.3f}"))
+        rows.append(("learned-sink heads", str(e.get("learned_sink_heads"))))
+    if e.get("spread_out_heads_skipped"):
+        rows.append(("heads spread over the first tokens, not counted", str(e["spread_out_heads_skipped"])))
+    return rows
 
 
 def _curve_table(curve: list[float], sinks: int, excess: list[float] | None = None) -> str:
@@ -321,32 +408,19 @@ def _curve_table(curve: list[float], sinks: int, excess: list[float] | None = No
 def _evidence_html(profile: SinkProfile) -> str:
     rec = profile.recommendation
     est = attention_estimate(rec)
-    if est is rec:
-        return _attention_evidence_html(rec)
-    return (_validated_evidence_html(rec)
-            + f'<h3>Attention-statistics estimate: {est.sinks} sink{"s" if est.sinks != 1 else ""}</h3>'
-            f'<div class="note">{_esc(est.method)}</div>' + _attention_evidence_html(est))
-
-
-def _attention_evidence_html(rec: Recommendation) -> str:
     parts = []
-    curve = rec.evidence.get("curve")
+    if est is not rec:
+        parts.append(f'<p class="note">{_esc(stream_sentences(rec))}</p>' + _ppl_table_html(rec))
+        parts.append(f'<h3>Attention-statistics estimate: {est.sinks} sink{"s" if est.sinks != 1 else ""}</h3>')
+    parts.append(f'<p class="note">{_esc(attention_sentences(est))}</p>')
+    curve = est.evidence.get("curve")
     if isinstance(curve, list) and curve and all(isinstance(v, (int, float)) for v in curve):
-        parts.append('<div class="note">Mean attention mass on the first k tokens, over the heads used:</div>')
-        excess = rec.evidence.get("excess_curve")
+        excess = est.evidence.get("excess_curve")
         excess = [float(v) for v in excess] if isinstance(excess, list) and len(excess) == len(curve) else None
-        parts.append(_curve_table([float(v) for v in curve], rec.sinks, excess))
-    rows = []
-    for key, value in rec.evidence.items():
-        if key in ("curve", "excess_curve"):
-            continue
-        if isinstance(value, (dict, list)):
-            shown = f"<code>{_esc(json.dumps(value, default=str))}</code>"
-        else:
-            shown = _esc(_num(value))
-        rows.append([_esc(key.replace("_", " ")), shown])
+        parts.append(_curve_table([float(v) for v in curve], est.sinks, excess))
+    rows = evidence_rows(rec)
     if rows:
-        parts.append(_html_table(["evidence", ""], rows, cls="kv"))
+        parts.append(_html_table(["evidence", ""], [[_esc(k), _esc(v)] for k, v in rows], cls="kv"))
     return "".join(parts)
 
 
@@ -355,28 +429,16 @@ def _ppl_rows(rec: Recommendation) -> list[dict[str, Any]]:
     return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
 
 
-def _validated_evidence_html(rec: Recommendation) -> str:
-    ev = rec.evidence
+def _ppl_table_html(rec: Recommendation) -> str:
     rows = _ppl_rows(rec)
-    tol = ev.get("tolerance")
+    if not rows:
+        return ""
+    tol = rec.evidence.get("tolerance")
     tol_text = f"{tol:.0%}" if isinstance(tol, (int, float)) else "?"
-    parts = [f'<div class="note">Streaming perplexity per sink count (window {_esc(ev.get("window"))}, '
-             f'{_esc(ev.get("n_targets"))} scored tokens of <code>{_esc(ev.get("text"))}</code>); the recommendation '
-             f"is the smallest count within {tol_text} of the best.</div>"]
-    if rows:
-        hl = next((i for i, r in enumerate(rows) if r.get("sinks") == rec.sinks), None)
-        parts.append(_html_table(["sinks", "perplexity", f"within {tol_text}"],
-                                 [[_esc(r.get("sinks")), _esc(_ppl(r.get("ppl"))),
-                                   "yes" if r.get("within_tolerance") else "no"] for r in rows],
-                                 cls="numeric", highlight=hl))
-    best_s = ev.get("best_sinks")
-    shown = [("best", f"{_ppl(ev.get('best_ppl'))} with {best_s} sink{'' if best_s == 1 else 's'}"),
-             ("dense (full cache)", _ppl(ev.get("dense_ppl"))),
-             ("sliding window + recompute", _ppl(ev.get("recompute_ppl"))),
-             ("exact (token by token)", _num(ev.get("exact")))]
-    shown = [(k, v) for k, v in shown if not v.startswith("None")]
-    parts.append(_html_table(["", ""], [[_esc(k), _esc(v)] for k, v in shown], cls="kv"))
-    return "".join(parts)
+    hl = next((i for i, r in enumerate(rows) if r.get("sinks") == rec.sinks), None)
+    return _html_table(["sinks", "perplexity", f"within {tol_text}"],
+                       [[_esc(r.get("sinks")), _esc(_ppl(r.get("ppl"))), "yes" if r.get("within_tolerance") else "no"]
+                        for r in rows], cls="numeric", highlight=hl)
 
 
 def _summary_html(profile: SinkProfile) -> str:
@@ -819,7 +881,8 @@ def render_html(profile: SinkProfile, *, figures_for_heads: int = 4) -> str:
         f"<script type=\"text/javascript\">{get_plotlyjs()}</script>\n</head>\n<body>\n<main class=\"container\">\n"
         f"<header><h1>Attention sinks in <code>{name}</code></h1>"
         f"<p class=\"sub\">{_esc(m.architecture)} · {m.n_layers} layers x {m.n_heads} heads · "
-        f"{len(profile.prompts)} prompt(s), {total_tokens} tokens · K = {profile.k_max}</p></header>\n"
+        f"{len(profile.prompts)} prompt{'s' * (len(profile.prompts) != 1)}, {total_tokens} tokens · "
+        f"K = {profile.k_max}</p></header>\n"
         + "\n".join(s for s in sections if s)
         + f"\n<footer>sinkscope {_esc(__version__)} · schema <code>{_esc(SCHEMA)}</code> · the numbers are in "
         "report.json next to this file</footer>\n</main>\n</body>\n</html>\n"
@@ -835,22 +898,24 @@ def _card(title: str, note: str, body: str) -> str:
 
 
 def recommendation_markdown(profile: SinkProfile) -> str:
-    """The recommendation with its evidence, in Markdown (``report.md`` and the dashboard's card)."""
+    """The recommendation with its evidence, in Markdown (``report.md`` and the dashboard's card): what to keep,
+    how it was decided in sentences, the tables behind it."""
     rec = profile.recommendation
-    out = [f"**Keep {rec.sinks} sink token{'s' if rec.sinks != 1 else ''}.** Method: {_md(rec.method)}", ""]
     est = attention_estimate(rec)
-    if est is not rec:  # validated by streaming: the perplexity table, then the attention estimate
+    out = [f"**Keep {_plural(rec.sinks, 'sink token')}.**"]
+    if est is not rec:  # validated by streaming: its sentences and perplexity table, then the attention estimate
+        out[0] += f" {_md(stream_sentences(rec))}"
         tol = rec.evidence.get("tolerance")
         tol_text = f"{tol:.0%}" if isinstance(tol, (int, float)) else "?"
-        out += [_md_table(["sinks", "perplexity", f"within {tol_text}"],
-                          [[f"**{r.get('sinks')}**" if r.get("sinks") == rec.sinks else _md(r.get("sinks")),
-                            _md(_ppl(r.get("ppl"))), "yes" if r.get("within_tolerance") else "no"]
-                           for r in _ppl_rows(rec)]), ""]
-        for key, value in rec.evidence.items():
-            if key not in ("ppl_by_sinks", "attention_estimate"):
-                out.append(f"- {_md(key.replace('_', ' '))}: {_md(_num(value))}")
-        out += ["", f"### Attention-statistics estimate: {est.sinks} sink{'s' if est.sinks != 1 else ''}", "",
-                f"Method: {_md(est.method)}", ""]
+        out += ["", _md_table(["sinks", "perplexity", f"within {tol_text}"],
+                              [[f"**{r.get('sinks')}**" if r.get("sinks") == rec.sinks else _md(r.get("sinks")),
+                                _md(_ppl(r.get("ppl"))), "yes" if r.get("within_tolerance") else "no"]
+                               for r in _ppl_rows(rec)]), "",
+                f"### Attention-statistics estimate: {_plural(est.sinks, 'sink')}", "", _md(attention_sentences(est))]
+    else:
+        out[0] += f" {_md(attention_sentences(est))} Not validated by streaming (`sinkscope report` validates " \
+                  "unless `--no-validate`; `sinkscope eval-stream` on its own)."
+    out.append("")
     curve = est.evidence.get("curve")
     if isinstance(curve, list) and curve and all(isinstance(v, (int, float)) for v in curve):
         ks = range(1, len(curve) + 1)
@@ -858,11 +923,9 @@ def recommendation_markdown(profile: SinkProfile) -> str:
                           [["mass on first k", *[f"{v:.3f}" for v in curve]],
                            *([["above chance", *[f"{v:.3f}" for v in est.evidence["excess_curve"]]]]
                              if isinstance(est.evidence.get("excess_curve"), list) else [])]), ""]
-    for key, value in est.evidence.items():
-        if key in ("curve", "excess_curve"):
-            continue
-        shown = json.dumps(value, default=str) if isinstance(value, (dict, list)) else _num(value)
-        out.append(f"- {_md(key.replace('_', ' '))}: {_md(shown)}")
+    rows = evidence_rows(rec)
+    if rows:
+        out += [_md_table(["evidence", ""], [[_md(k), _md(v)] for k, v in rows], "ll"), ""]
     return "\n".join(out)
 
 
@@ -1016,7 +1079,8 @@ def render_stream_eval_html(stream_eval: Any, *, recommendation: Recommendation 
         rec_html = (f'<section class="card rec"><h2>Recommended sink tokens</h2><div class="big">{recommendation.sinks}'
                     f' <small>sink token{"s" if recommendation.sinks != 1 else ""} to keep</small></div>'
                     f'<div class="method note">{_esc(recommendation.method)}</div>'
-                    f"{_validated_evidence_html(recommendation)}</section>")
+                    f'<p class="note">{_esc(stream_sentences(recommendation))}</p>'
+                    f"{_ppl_table_html(recommendation)}</section>")
     body = _stream_eval_body(ev, recommendation, "stream")
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"

@@ -100,7 +100,10 @@ def analyse_typed(dash_duo) -> None:
     dash_duo.select_dcc_dropdown("#prompt-choice", "type your own")
     set_value(dash_duo, "#prompt-text", TYPED)
     press(dash_duo, "#analyze")
-    dash_duo.wait_for_contains_text("#analysis-status", "analysed in", timeout=30)
+    # (the page analysed its default prompt on load: wait for this one's result)
+    wait_until(lambda: "typed prompt:" in dash_duo.find_element("#analysis-status").text
+               and "analysed in" in dash_duo.find_element("#analysis-status").text, timeout=30,
+               what="the typed prompt's analysis")
 
 
 def test_page_loads_analysis_renders_and_head_click_updates_the_map(dash_duo, app):
@@ -285,7 +288,8 @@ def test_bad_input_is_explained_in_the_page(dash_duo, app):
     dash_duo.select_dcc_dropdown("#prompt-choice", "type your own")
     set_value(dash_duo, "#prompt-text", "x" * 400)  # past --max-analysis-tokens (250 here)
     press(dash_duo, "#analyze")
-    dash_duo.wait_for_contains_text("#analysis-status", "at most 250", timeout=20)
+    dash_duo.wait_for_contains_text("#analysis-status", "the prompt has 401 tokens; the dashboard analyses at most "
+                                    "250", timeout=20)
 
 
 def test_server_restart_mid_stream_is_explained(dash_duo, app):
@@ -344,6 +348,14 @@ def test_real_smollm2_analysis_and_stream(dash_duo, smollm2):
     try:
         dash_duo.start_server(app)
         dash_duo.wait_for_contains_text("#model-status", "30 layers x 9 heads", timeout=30)
+        # The page opens on an analysis of its default prompt, without a click.
+        dash_duo.wait_for_contains_text("#analysis-status", "prose: 593 tokens", timeout=60)
+        dash_duo.wait_for_contains_text("#recommendation", "Keep 1 sink token.", timeout=10)
+        assert "In the " in dash_duo.find_element("#recommendation").text  # sentences, not a dump of the evidence
+        jobs = len(app.sinkscope.analyses._jobs)
+        dash_duo.driver.refresh()  # a reload (or another tab) shares the finished analysis
+        dash_duo.wait_for_contains_text("#analysis-status", "prose: 593 tokens", timeout=30)
+        assert len(app.sinkscope.analyses._jobs) == jobs
         analyse_typed(dash_duo)
         dash_duo.wait_for_contains_text("#head-map .gtitle", "Layer", timeout=30)
         set_value(dash_duo, "#window", "32")

@@ -496,3 +496,16 @@ def test_atlas_offers_the_saved_reports_and_adds_this_pages_analysis(tiny_llama,
         app.sinkscope.streams.shutdown()
     assert atlas(paths[:1], job.profile)[0].path == THIS_ANALYSIS
     assert create_app({"tiny": tiny_llama}, reports=[tmp_path]).sinkscope.reports == {}
+
+
+def test_an_analysis_of_the_same_model_and_text_is_shared_when_asked(tiny_llama):
+    """What the page does on load: the default prompt's finished (or running) analysis is reused; another text,
+    a refused one or an explicit Analyze click starts anew."""
+    jobs = Analyses(ModelPool({"tiny": tiny_llama}), Limits(max_analysis_tokens=250))
+    first = _done_job(jobs)
+    assert jobs.start("tiny", Prompt("p", TEXT[:80]), reuse=True) is first
+    assert jobs.start("tiny", Prompt("p", TEXT[:80])) is not first  # a click analyses again
+    assert jobs.start("tiny", Prompt("p", TEXT[:81]), reuse=True) is not first
+    refused = jobs.start("tiny", Prompt("p", "x" * 400), reuse=True)
+    wait(lambda: refused.done)
+    assert refused.error and jobs.start("tiny", Prompt("p", "x" * 400), reuse=True) is not refused

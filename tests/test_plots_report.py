@@ -497,7 +497,7 @@ def test_learned_sinks_in_report_markdown(learned: SinkProfile) -> None:
     assert heads[0] == "| # | layer | head | first-token mass | learned-sink mass |"
     assert heads[2:] == ["| 1 | 0 | 0 | 0.800 | 0.100 |", "| 2 | 3 | 2 | 0.700 | 0.100 |",
                          "| 3 | 1 | 1 | 0.450 | 0.400 |", "| 4 | 1 | 0 | 0.400 | 0.200 |"]
-    assert "learned sink mass mean: 0.325" in md  # the recommendation's evidence
+    assert "| learned-sink mass (mean over heads) | 0.325 |" in md  # the recommendation's evidence table
 
 
 def test_reports_of_models_without_learned_sinks_say_nothing_of_them(profile: SinkProfile) -> None:

@@ -487,14 +487,14 @@ class StreamEvalPlan:
 
     def run(self, *, progress: bool = True) -> StreamEval:
         """Run every mode and collect the results (streaming by window and sink count, dense, then recompute)."""
-        from tqdm.auto import tqdm
+        from .._progress import progress as progress_bar
 
         lm, ids, w = self.lm, self.ids, self.window
         targets = self.targets
         results: list[ModeResult] = []
         dense: ModeResult | None = None
-        with tqdm(total=sum(self.forwards().values()), desc=f"eval-stream {lm.spec.name}", unit="fwd",
-                  disable=not progress, leave=False) as bar:
+        with progress_bar(sum(self.forwards().values()), f"eval-stream {lm.spec.name}", "forward",
+                          enabled=progress) as bar:
             if "dense" in self.modes:
                 bar.set_postfix_str("dense")
                 t0 = time.perf_counter()
