@@ -485,6 +485,12 @@ class Stream:
         except Exception as exc:  # shown in the page; the server and the other sessions carry on
             log.exception("stream failed")
             self.error, self.state = f"the stream failed: {type(exc).__name__}: {exc}", "error"
+        finally:
+            # A finished stream keeps what its page shows (its tokens), not its KV cache and last logits: the
+            # page may poll it for minutes, and a server may hold hundreds (benchmarks/dashboard_load.py).
+            tokens.close()
+            with lock:
+                self.streamer.release()
 
 
 class Streams:
@@ -493,6 +499,7 @@ class Streams:
     def __init__(self, pool: ModelPool, limits: Limits, reap_every: float = 1.0):
         self.pool, self.limits = pool, limits
         self._by_session: dict[str, Stream] = {}
+        self._starting = 0  # slots taken by starts still building their stream (counted against the limit)
         self._lock = threading.Lock()
         self._reaper = threading.Thread(target=self._reap_loop, args=(reap_every,), name="stream-reaper",
                                         daemon=True)
@@ -517,20 +524,29 @@ class Streams:
         if old is not None:  # one stream per page: the old one ends after its current token
             old.stop("replaced by a new stream")
             old.join(timeout=30)
+        # The check and the slot are taken under one lock: concurrent starts (the server's threads) that all
+        # counted before any registered let twice the limit run (found by benchmarks/dashboard_load.py).
         with self._lock:
-            running = sum(s.running for s in self._by_session.values())
+            running = sum(s.running for s in self._by_session.values()) + self._starting
             if running >= lim.max_streams:
                 raise DashboardError(f"{running} streams are running on this server (the limit is "
                                      f"{lim.max_streams}); stop one or wait for one to finish")
-        lm = self.pool.get(request.model)
-        ids = lm.tokenizer(request.prompt).input_ids
-        if not ids:
-            raise DashboardError("the prompt is empty after tokenization")
-        if len(ids) > lim.max_prompt_tokens:
-            raise DashboardError(f"the prompt has {len(ids)} tokens; the limit is {lim.max_prompt_tokens}")
-        stream = Stream(request, lm, ids, self.pool)  # SinkCache checks S + W against the model's positions
-        with self._lock:
-            self._by_session[session] = stream
+            self._starting += 1
+        try:
+            lm = self.pool.get(request.model)
+            ids = lm.tokenizer(request.prompt).input_ids
+            if not ids:
+                raise DashboardError("the prompt is empty after tokenization")
+            if len(ids) > lim.max_prompt_tokens:
+                raise DashboardError(f"the prompt has {len(ids)} tokens; the limit is {lim.max_prompt_tokens}")
+            stream = Stream(request, lm, ids, self.pool)  # SinkCache checks S + W against the model's positions
+            with self._lock:
+                self._by_session[session] = stream
+                self._starting -= 1
+        except BaseException:
+            with self._lock:
+                self._starting -= 1
+            raise
         stream.start()
         return stream
 

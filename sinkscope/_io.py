@@ -2,17 +2,21 @@
 
 Each file is written to a hidden temporary file in the same directory (so ``os.replace`` is a rename on one
 file system), flushed to disk, then renamed over the target. Temporary files are removed on any failure,
-``KeyboardInterrupt`` included.
+``KeyboardInterrupt`` included; those of a writer killed outright (SIGKILL) are removed by the next write of
+the same file once they are old enough not to be a write in progress.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import secrets
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
 TMP_SUFFIX = ".tmp"
+STALE_SECONDS = 600  # a temporary file this old is a leftover of a killed writer (SIGKILL runs no cleanup)
 
 
 def temp_path_for(path: Path) -> Path:
@@ -44,6 +48,8 @@ def atomic_write_many(files: Mapping[str | Path, str]) -> list[Path]:
     """Write several files so that none is left half-written: all are staged to temporary files first, and
     only when every one is complete are they renamed into place (one quick rename each)."""
     staged: list[tuple[Path, Path]] = []
+    for path in files:
+        _remove_stale(Path(path))
     try:
         for path, text in files.items():
             target = Path(path)
@@ -55,3 +61,19 @@ def atomic_write_many(files: Mapping[str | Path, str]) -> list[Path]:
             tmp.unlink(missing_ok=True)
         raise
     return [target for _, target in staged]
+
+
+def _remove_stale(path: Path) -> None:
+    """Remove temporary files of ``path`` left by a writer that was killed (older than :data:`STALE_SECONDS`:
+    a younger one may belong to a write in progress)."""
+    now = time.time()
+    try:
+        leftovers = list(path.parent.glob(f".{glob.escape(path.name)}.*{TMP_SUFFIX}"))
+    except OSError:
+        return
+    for tmp in leftovers:
+        try:
+            if now - tmp.stat().st_mtime > STALE_SECONDS:
+                tmp.unlink()
+        except OSError:
+            pass

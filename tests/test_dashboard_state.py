@@ -85,6 +85,10 @@ def test_a_finished_stream_reports_done(streams):
         time.sleep(0.02)
     info = describe(s)
     assert info["state"] == "done" and info["tokens"] == len(s.tokens) > 5 and info["cache_length"] <= 2 + 16 - 1
+    # What the page shows stays; the KV cache and the last logits are given back (a server holds many such).
+    s.join(10)
+    assert s.streamer.cache.get_seq_length() == 0 and s.streamer._last_logits is None
+    assert all(getattr(layer, "keys", None) is None for layer in s.streamer.cache.layers)
 
 
 def test_a_model_that_fails_to_load_is_reported_not_raised(tiny_llama):
@@ -509,3 +513,30 @@ def test_an_analysis_of_the_same_model_and_text_is_shared_when_asked(tiny_llama)
     refused = jobs.start("tiny", Prompt("p", "x" * 400), reuse=True)
     wait(lambda: refused.done)
     assert refused.error and jobs.start("tiny", Prompt("p", "x" * 400), reuse=True) is not refused
+
+
+def test_concurrent_starts_never_pass_the_stream_limit(tiny_llama):
+    """Starts that arrive together (the server's threads) each take a slot under one lock: exactly the limit
+    runs, the rest are refused with the reason (8 at once against a limit of 2 ran 8 before)."""
+    import threading
+
+    streams = Streams(ModelPool({"tiny": tiny_llama}), Limits(max_streams=2, max_new_tokens=500))
+    gate, started, refused = threading.Barrier(8), [], []
+
+    def start(i: int) -> None:
+        gate.wait()
+        try:
+            started.append(streams.start(f"s{i}", request(max_new_tokens=500)))
+        except DashboardError as exc:
+            refused.append(str(exc))
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(started) == 2 and len(refused) == 6
+        assert all("the limit is 2" in r for r in refused)
+    finally:
+        streams.shutdown()

@@ -363,6 +363,63 @@ def test_interrupt_while_writing_keeps_old_report(profile: SinkProfile, tmp_path
     assert {p.name: p.read_text() for p in out.iterdir()} == old  # untouched, no temp files left
 
 
+def test_a_full_disk_is_one_line_and_keeps_the_old_report(profile: SinkProfile, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old\n")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_io.os, "fsync", full)
+    with pytest.raises(report.OutputError) as e:
+        report.write_report(profile, out)
+    assert "No space left on device" in str(e.value) and "free some space" in str(e.value)
+    assert "\n" not in str(e.value)
+    assert {p.name: p.read_text() for p in out.iterdir()} == {"report.json": "old\n"}
+
+
+def test_a_writer_killed_outright_leaves_the_old_report_and_its_leftover_goes_later(tmp_path: Path) -> None:
+    """SIGKILL in the middle of writing the three report files (a subprocess that kills itself in its second
+    fsync): the old files are intact; the temporary file it left is removed by the next write once stale."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "out"
+    out.mkdir()
+    old = {name: f"old {name}\n" for name in ("report.json", "report.html", "report.md")}
+    for name, text in old.items():
+        (out / name).write_text(text)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from sinkscope import _io
+        calls = []
+        real = os.fsync
+        def fsync(fd):
+            calls.append(fd)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            real(fd)
+        _io.os.fsync = fsync
+        _io.atomic_write_many({{{str(out / 'report.json')!r}: "new", {str(out / 'report.html')!r}: "new",
+                                {str(out / 'report.md')!r}: "new"}})
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert {p.name: p.read_text() for p in out.iterdir() if not p.name.startswith(".")} == old
+    leftovers = [p for p in out.iterdir() if p.name.startswith(".")]
+    assert leftovers and all(p.name.endswith(_io.TMP_SUFFIX) for p in leftovers)
+    for p in leftovers:  # make them look old: a fresh one may be a write in progress and is kept
+        os.utime(p, (p.stat().st_atime - 2 * _io.STALE_SECONDS, p.stat().st_mtime - 2 * _io.STALE_SECONDS))
+    _io.atomic_write_many({out / "report.json": "new\n", out / "report.html": "new\n", out / "report.md": "new\n"})
+    assert sorted(p.name for p in out.iterdir()) == ["report.html", "report.json", "report.md"]
+
+
 def test_atomic_write_text_replaces_whole_file(tmp_path: Path) -> None:
     target = tmp_path / "f.txt"
     target.write_text("old")

@@ -144,6 +144,11 @@ class Streamer:
         """The requested sink setting (applied before the next token)."""
         return self._want_sinks
 
+    def release(self) -> None:
+        """Free the cache's keys and values and the last logits (the stream is over; its settings stay)."""
+        self.cache.reset()
+        self._last_logits = None
+
     def set_sinks(self, on: bool) -> None:
         """Pin (True) or release (False) the sink tokens from the next token on; safe from any thread."""
         self._want_sinks = bool(on)
