@@ -9,7 +9,6 @@ every open page without queuing behind a slow one.
 
 from __future__ import annotations
 
-import logging
 import signal
 import threading
 from collections.abc import Callable
@@ -17,8 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from dash import Dash
-
-log = logging.getLogger(__name__)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
