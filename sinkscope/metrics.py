@@ -369,8 +369,8 @@ def key_geometry(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, k_
     n = t - k_max
     v_norms = torch.linalg.vector_norm(value.detach().double(), dim=-1)  # [H_kv, T]
 
-    def per_head(x: torch.Tensor) -> np.ndarray:
-        return x.repeat_interleave(group, 0).cpu().numpy() if x.shape[0] == h_kv else x.cpu().numpy()
+    def per_head(x: torch.Tensor) -> np.ndarray:  # [H_kv] -> [H]: query head h reads key head h // group
+        return x.repeat_interleave(group, 0).cpu().numpy()
 
     return KeyGeometry(sink_key_cos=(sink_cos / n).cpu().numpy(), other_key_cos=(other_cos / n).cpu().numpy(),
                        sink_key_norm=per_head(sink_norm), key_norm_median=per_head(norms[:, 1:].median(-1).values),

@@ -256,13 +256,6 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _span(bin_of: np.ndarray, t: int, step: int) -> int:
-    """The most bins that one block of ``step`` positions (starting at a multiple of ``step``) spans."""
-    starts = np.arange(0, t, step)
-    ends = np.minimum(starts + step, t) - 1
-    return int((bin_of[ends] - bin_of[starts]).max()) + 1
-
-
 @dataclass
 class PendingStats:
     """One layer's statistics still on its device (float64 tensors): :func:`finish` copies many layers at once,
@@ -341,13 +334,15 @@ def _bin_tensors(bins: list[tuple[int, int]], t: int, device: torch.device
     return _cached(("bins", t, len(bins), str(device)), make)
 
 
-def _tile_bins(bin_of: np.ndarray, t: int, step: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first and last bin of each block of ``step`` positions (int32 on ``device``), once per length."""
-    def make() -> tuple[torch.Tensor, torch.Tensor]:
+def _tile_bins(bin_of: np.ndarray, t: int, step: int, device: torch.device
+               ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """(the most bins one block of ``step`` positions spans, the first and the last bin of each block as int32 on
+    ``device``), blocks starting at multiples of ``step``; once per length."""
+    def make() -> tuple[int, torch.Tensor, torch.Tensor]:
         starts = np.arange(0, t, step)
-        ends = np.minimum(starts + step, t) - 1
-        return (torch.from_numpy(bin_of[starts].astype(np.int32)).to(device),
-                torch.from_numpy(bin_of[ends].astype(np.int32)).to(device))
+        first, last = bin_of[starts], bin_of[np.minimum(starts + step, t) - 1]
+        return (int((last - first).max()) + 1, torch.from_numpy(first.astype(np.int32)).to(device),
+                torch.from_numpy(last.astype(np.int32)).to(device))
     return _cached(("tiles", t, int(bin_of[-1]) + 1, step, str(device)), make)
 
 
@@ -368,11 +363,10 @@ def layer_stats(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, *, scale: f
     qb = 1
     if bins:
         bin_of, edges, width = _bin_tensors(bins, t, dev)
-        qb = _span(bin_of, t, bq)
+        qb, tfirst, tlast = _tile_bins(bin_of, t, bq, dev)
         if qb > 8 and q.is_cuda:  # narrow bins (short prompts): smaller tiles, fewer bins per tile to unroll
             bq = 16
-            qb = _span(bin_of, t, bq)
-        tfirst, tlast = _tile_bins(bin_of, t, bq, dev)
+            qb, tfirst, tlast = _tile_bins(bin_of, t, bq, dev)
     ent = torch.empty(h, t, dtype=torch.float32, device=dev)
     recv = torch.empty(h, t, dtype=torch.float32, device=dev)
     first = torch.empty(h, k_max, dtype=torch.float32, device=dev)

@@ -199,13 +199,10 @@ class _BandLayer(CacheLayerMixin):
             scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
             if softcap is not None:
                 scores = torch.tanh(scores / softcap) * softcap
+            cols = torch.arange(lo, max(lo, hi), device=dev)
+            allowed = (cols[None, :] <= tq[:, None]) & (cols[None, :] > tq[:, None] - band)
             if n_s:  # a pin, once out of the band (in it, the band has it at its true distance)
-                allowed = torch.cat([pins[None, :] <= tq[:, None] - band,
-                                     (torch.arange(lo, max(lo, hi), device=dev)[None, :] <= tq[:, None])
-                                     & (torch.arange(lo, max(lo, hi), device=dev)[None, :] > tq[:, None] - band)], -1)
-            else:
-                cols = torch.arange(lo, max(lo, hi), device=dev)
-                allowed = (cols[None, :] <= tq[:, None]) & (cols[None, :] > tq[:, None] - band)
+                allowed = torch.cat([pins[None, :] <= tq[:, None] - band, allowed], -1)
             scores = scores.masked_fill(~allowed, _LOW)
             if sink_col is not None:  # gpt-oss: one more outcome of the softmax, attached to no value
                 log_z = torch.logaddexp(torch.logsumexp(scores, -1, keepdim=True), sink_col.expand(h, c, 1))
