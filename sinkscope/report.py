@@ -129,11 +129,15 @@ def _num(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _float(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
 def _ppl(value: Any) -> str:
     """A perplexity with two decimals (None when missing)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return f"{value:.2f}"
-    return "None"
+    v = _float(value)
+    return "None" if v is None else f"{v:.2f}"
 
 
 def _pct(value: float) -> str:
@@ -299,11 +303,6 @@ footer { color: var(--muted); font-size: 13px; margin-top: 26px; text-align: cen
 
 def _fig_html(fig: go.Figure, div_id: str) -> str:
     return fig.to_html(full_html=False, include_plotlyjs=False, config=_PLOTLY_CONFIG, div_id=div_id)
-
-
-def _float(value: Any) -> float | None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
 
 
 def _plural(n: Any, word: str) -> str:
