@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 POLL_S = 0.4  # the page's interval (dashboard.app.POLL_MS)
+HEARTBEAT_EVERY = 5  # polls between two heartbeats (dashboard.app.HEARTBEAT_MS = 2000)
 MAX_SESSIONS = 64
 MAX_ROUND_SECONDS = 600
 
@@ -98,6 +99,8 @@ class DashClient:
             self.set(cid, prop, value)
         took = 0.0
         for cb in self.callbacks:
+            if cb.get("clientside_function"):  # runs in the browser (the heartbeat's notice), not on the server
+                continue
             if not any(i["id"] == cid and i["property"] == prop for i in cb["inputs"]):
                 continue
             spec = cb["output"]
@@ -194,6 +197,8 @@ def run_session(base: str, i: int, n: int, text: str, new_tokens: int, rounds: i
                     time.sleep(POLL_S)
                     result.polls.append(page.fire("stream-poll", "n_intervals",
                                                   (page.value("stream-poll", "n_intervals") or 0) + 1))
+                    if len(result.polls) % HEARTBEAT_EVERY == 0:  # the page's heartbeat, every 2 s
+                        page.fire("heartbeat", "n_intervals", (page.value("heartbeat", "n_intervals") or 0) + 1)
                 if page.value("stream-poll", "disabled") is False:
                     page.fire("stop", "n_clicks", (page.value("stop", "n_clicks") or 0) + 1)
                     result.errors.append(f"round {r}: the stream did not end within {round_end[0]:.0f} s")
@@ -275,8 +280,9 @@ def _free_port() -> int:
 class Server:
     """``sinkscope dashboard`` in a subprocess on loopback, ready once it answers ``/``."""
 
-    def __init__(self, model: str, max_streams: int, *, new_tokens: int = 1024, extra: list[str] | None = None):
-        self.port = _free_port()
+    def __init__(self, model: str, max_streams: int, *, new_tokens: int = 1024, extra: list[str] | None = None,
+                 port: int | None = None):
+        self.port = port or _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import plotly.graph_objects as go
-from dash import Dash, Input, Output, Patch, State, dcc, html, no_update
+from dash import ClientsideFunction, Dash, Input, Output, Patch, State, dcc, html, no_update
 
 from sinkscope import plots
 from sinkscope.compare import find_reports
@@ -54,6 +54,11 @@ TYPED = "__typed__"
 DEFAULT_SAMPLE = "prose"  # analysed on first click: short enough to take a few seconds on a CPU
 STREAM_SAMPLE = "long-document"  # streamed by default: long enough to run far past the window
 POLL_MS = 400
+# The page asks the server for a heartbeat every HEARTBEAT_MS; past SILENT_MS without an answer it says that the
+# server is not answering (killed, stopped, or the network down), and takes the notice away when it answers
+# again. Generous: under load a heartbeat may wait behind other requests.
+HEARTBEAT_MS = 2000
+SILENT_MS = 8000
 CHART_EVERY = 16  # tokens between two redraws of the live chart
 # The text pane keeps the most recent tokens only (between PAGE_BLOCK and 2 x PAGE_BLOCK of them; the status
 # line counts them all): every poll re-renders the pane's children, so a pane of all the tokens of a fast
@@ -146,6 +151,9 @@ def _layout(svc: Services) -> html.Div:
         dcc.Interval(id="stream-poll", interval=POLL_MS, disabled=True),
         dcc.Store(id="ppl-job"), dcc.Interval(id="ppl-poll", interval=POLL_MS, disabled=True),
         dcc.Interval(id="model-poll", interval=1000, disabled=svc.pool.is_loaded(model)),
+        dcc.Interval(id="heartbeat", interval=HEARTBEAT_MS), dcc.Store(id="server-beat"),
+        dcc.Store(id="server-seen"), dcc.Store(id="silent-ms", data=SILENT_MS),
+        html.Div(id="server-banner", className="banner", role="alert", hidden=True),
         html.Header([
             html.H1(["sinkscope", html.Span(" where the model parks its attention", className="sub")]),
             html.Label(["model", dcc.Dropdown(id="model", options=svc.pool.names, value=model, clearable=False,
@@ -309,6 +317,18 @@ def _register(app: Dash, svc: Services) -> None:
             return pool.error(model) or "", True
         pool.load_async(model)
         return f"loading {model} (first use; a GGUF model is converted once, which takes a minute)...", False
+
+    # The heartbeat: the server answers with the count it was sent; the page notes when each answer came
+    # (assets/heartbeat.js) and, between answers, says so if the server has gone quiet.
+    @app.callback(Output("server-beat", "data"), Input("heartbeat", "n_intervals"))
+    def heartbeat(n: int | None) -> int:
+        return n or 0
+
+    app.clientside_callback(ClientsideFunction("sinkscope", "beatSeen"), Output("server-seen", "data"),
+                            Input("server-beat", "data"))
+    app.clientside_callback(ClientsideFunction("sinkscope", "serverBanner"), Output("server-banner", "children"),
+                            Output("server-banner", "hidden"), Input("heartbeat", "n_intervals"),
+                            State("server-seen", "data"), State("silent-ms", "data"))
 
     @app.callback(Output("prompt-text", "value"), Input("prompt-choice", "value"), prevent_initial_call=True)
     def pick_prompt(choice: str) -> str:

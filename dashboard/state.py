@@ -501,6 +501,7 @@ class Streams:
         self._by_session: dict[str, Stream] = {}
         self._starting = 0  # slots taken by starts still building their stream (counted against the limit)
         self._lock = threading.Lock()
+        self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, args=(reap_every,), name="stream-reaper",
                                         daemon=True)
         self._reaper.start()
@@ -576,7 +577,8 @@ class Streams:
             return [s for s in self._by_session.values() if s.running]
 
     def shutdown(self) -> None:
-        """Stop and forget every stream (server exit; to a page, the same as a restart)."""
+        """Stop and forget every stream, and the reaper (server exit; to a page, the same as a restart)."""
+        self._closed.set()
         with self._lock:
             streams = list(self._by_session.values())
             self._by_session.clear()
@@ -584,10 +586,11 @@ class Streams:
             s.stop("the server is shutting down")
         for s in streams:
             s.join(timeout=10)
+        if self._reaper is not threading.current_thread():
+            self._reaper.join(timeout=10)  # wakes at once: a thread left ending at interpreter exit can abort it
 
     def _reap_loop(self, every: float) -> None:
-        while True:
-            time.sleep(every)
+        while not self._closed.wait(every):
             self.reap()
 
     def reap(self) -> None:

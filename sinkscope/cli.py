@@ -728,6 +728,8 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
         raise ConfigError(f"the dashboard package is not importable ({exc}); install sinkscope from its "
                           "checkout (make setup)") from exc
     with socket.socket() as probe:  # say so now, not after a minute of model loading
+        # As waitress binds: a port whose last server died (connections in TIME_WAIT) is free to reuse at once.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((args.host, args.port))
         except OSError as exc:

@@ -16,6 +16,7 @@ from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.keys import Keys
 
 from dashboard import Limits, create_app
+from dashboard.serve import shutdown_services
 
 pytestmark = pytest.mark.browser
 
@@ -37,7 +38,7 @@ def app(tiny_llama, request):
     limits = getattr(request, "param", LIMITS)
     app = create_app({"tiny-llama": tiny_llama}, limits=limits)
     yield app
-    app.sinkscope.streams.shutdown()
+    shutdown_services(app)  # streams, analyses and evaluations: none may run on past the test
 
 
 def set_value(dash_duo, selector: str, value: str) -> None:
@@ -152,7 +153,7 @@ def sink_logit_app(tok_bos):
             layer.self_attn.sinks.fill_(4.0)
     app = create_app({"tiny-gpt-oss": loaded(model, tok_bos, "tiny-gpt-oss")}, limits=LIMITS)
     yield app
-    app.sinkscope.streams.shutdown()
+    shutdown_services(app)  # streams, analyses and evaluations: none may run on past the test
 
 
 def test_learned_sink_view_of_a_gpt_oss_style_model(dash_duo, sink_logit_app):
@@ -365,4 +366,89 @@ def test_real_smollm2_analysis_and_stream(dash_duo, smollm2):
         wait_until(lambda: "cache 31 tokens" in status(dash_duo), timeout=60, what="the sinks evicted")
         assert dash_duo.get_logs() == [], dash_duo.get_logs()
     finally:
-        app.sinkscope.streams.shutdown()
+        shutdown_services(app)
+
+
+def analysis_says(dash_duo, text: str, timeout: float) -> None:
+    global _last_status
+
+    def says() -> bool:
+        global _last_status
+        _last_status = dash_duo.find_element("#analysis-status").text
+        return text in _last_status
+
+    wait_until(says, timeout=timeout, what=f"{text!r} in the analysis status")
+
+
+def test_a_reload_mid_analysis_shares_the_running_job_and_the_page_recovers(dash_duo, app, monkeypatch):
+    import threading
+
+    import sinkscope
+
+    real, gate, calls = sinkscope.analyze, threading.Event(), []
+
+    def held(lm, prompt, **kw):  # an analysis that takes as long as the test wants
+        calls.append(prompt.text)
+        assert gate.wait(60)
+        return real(lm, prompt, **kw)
+
+    def analyse(text: str, expect: str) -> None:
+        dash_duo.select_dcc_dropdown("#prompt-choice", "type your own")
+        set_value(dash_duo, "#prompt-text", text)
+        press(dash_duo, "#analyze")
+        analysis_says(dash_duo, expect, 20)
+
+    monkeypatch.setattr(sinkscope, "analyze", held)
+    dash_duo.start_server(app)
+    analyse(TYPED, "analysing typed prompt")
+    dash_duo.driver.refresh()  # mid-analysis: a new page, a new session
+    analyse(TYPED, "analysing typed prompt")  # the same text: it follows the running job
+    gate.set()
+    analysis_says(dash_duo, "analysed in", 30)
+    assert calls == [TYPED]  # one analysis for the two pages
+
+    gate.clear()
+    other = TYPED.replace("cat", "fox")
+    analyse(other, "analysing typed prompt")
+    dash_duo.driver.refresh()  # the page leaves while its job runs (and holds the model)
+    analyse(TYPED, "analysed in")  # the kept result, at once, though the model is busy
+    assert dash_duo.find_element("#recommendation").text.strip()
+    gate.set()
+    analyse(other, "analysed in")  # the job left behind finished, and is shared too
+    assert calls == [TYPED, other]
+    assert dash_duo.get_logs() == [], dash_duo.get_logs()
+
+
+def test_a_server_killed_mid_stream_is_shown_and_the_page_recovers_on_restart(dash_duo, llama_dir):
+    import signal
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from dashboard_load import Server
+
+    def serve(port: int | None = None) -> Server:
+        return Server(str(llama_dir), max_streams=2, extra=["--max-prompt-tokens", "20000"], port=port)
+
+    server = serve()
+    try:
+        dash_duo.driver.get(server.base)
+        analysis_says(dash_duo, "analysed in", 60)
+        assert not dash_duo.find_element("#server-banner").is_displayed()
+        press(dash_duo, "#start")  # the long sample: 16k tokens read one by one, far longer than this test
+        wait_until(lambda: "running" in status(dash_duo) and token_count(dash_duo) > 0,
+                   what=f"the stream ({dash_duo.find_element('#stream-message').text})")
+        server.proc.send_signal(signal.SIGKILL)  # no shutdown: the page's requests just fail
+        server.proc.wait(10)
+        dash_duo.wait_for_contains_text("#server-banner", "has not answered since", timeout=30)
+        assert "running" in status(dash_duo)  # what the page knew stays on it
+
+        server = serve(server.port)  # the same address, a new process
+        wait_until(lambda: not dash_duo.find_element("#server-banner").is_displayed(), timeout=30,
+                   what="the notice to go once the server answers")
+        dash_duo.wait_for_contains_text("#stream-message", "gone from the server", timeout=20)
+        press(dash_duo, "#start")
+        dash_duo.wait_for_text_to_equal("#stream-message", "", timeout=20)
+        wait_until(lambda: "running" in status(dash_duo) or "done" in status(dash_duo), what="a new stream")
+    finally:
+        server.stop()

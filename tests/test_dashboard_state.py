@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -72,10 +74,21 @@ def test_the_reaper_stops_streams_whose_page_stopped_polling(streams):
     s.last_seen -= 60
     assert s.running
     streams.reap()  # what the reaper thread does every second
-    wait(lambda: not s.running, timeout=10)
+    wait(lambda s=s: not s.running, timeout=10)
     assert "stopped polling" in s.stop_reason
     assert describe(s)["state"] == "stopped" and len(s.tokens) < 500 + len(TEXT)
     assert streams._reaper.is_alive()
+    # Memory returned: the KV cache at once (the page may still come back and read its tokens) ...
+    s.join(10)
+    assert s.streamer.cache.get_seq_length() == 0 and s.streamer._last_logits is None
+    assert all(getattr(layer, "keys", None) is None for layer in s.streamer.cache.layers)
+    # ... and the whole stream, tokens and all, once its page has been gone for 10 x idle_seconds.
+    gone = weakref.ref(s)
+    s.last_seen -= 10 * streams.limits.idle_seconds
+    del s
+    streams.reap()
+    gc.collect()
+    assert gone() is None and streams.get("a", None) is None
 
 
 def test_a_finished_stream_reports_done(streams):
@@ -272,7 +285,7 @@ def _done_job(analyses, text=TEXT[:80]):
 def _callback(app, name):
     """A registered callback's own function (Dash keeps it as ``__wrapped__``), to call without a browser."""
     return next(cb["callback"].__wrapped__ for cb in app.callback_map.values()
-                if cb["callback"].__wrapped__.__name__ == name)
+                if "callback" in cb and cb["callback"].__wrapped__.__name__ == name)  # (not clientside ones)
 
 
 def test_views_and_head_detail_with_and_without_learned_sinks(tiny_llama, learned_analyze, monkeypatch):
@@ -343,7 +356,9 @@ PPL_TEXT = "The cat sat on the mat. The dog sat on the log. A bird sang in the t
 def ppl_jobs(tiny_llama, tiny_gpt2):
     from dashboard.state import PerplexityJobs
 
-    return PerplexityJobs(ModelPool({"tiny": tiny_llama, "gpt2": tiny_gpt2}), Limits(max_prompt_tokens=600))
+    jobs = PerplexityJobs(ModelPool({"tiny": tiny_llama, "gpt2": tiny_gpt2}), Limits(max_prompt_tokens=600))
+    yield jobs
+    jobs.shutdown(60)
 
 
 def _finished(job, timeout=60.0):
@@ -513,6 +528,7 @@ def test_an_analysis_of_the_same_model_and_text_is_shared_when_asked(tiny_llama)
     refused = jobs.start("tiny", Prompt("p", "x" * 400), reuse=True)
     wait(lambda: refused.done)
     assert refused.error and jobs.start("tiny", Prompt("p", "x" * 400), reuse=True) is not refused
+    jobs.shutdown(60)  # the analyses started above: none may run on into the interpreter's exit (an abort)
 
 
 def test_concurrent_starts_never_pass_the_stream_limit(tiny_llama):
