@@ -84,4 +84,4 @@ def test_what_the_prose_says_holds(executed):
     assert (int(m[1]), int(m[2])) == (4 + 64 - 1, 64 - 1)  # S + W - 1, then the sinks dropped
     assert float(m[4]) > float(m[3])
 
-    assert re.match(r"3072 tokens in stats mode", _text(_cell(executed, "long = sinkscope.analyze")))
+    assert re.match(r"2048 tokens in stats mode", _text(_cell(executed, "long = sinkscope.analyze")))
